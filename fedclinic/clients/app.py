@@ -1,0 +1,44 @@
+"""The Flower ClientApp: one per hospital site. Thin handlers around clients/site.py.
+
+    flwr run .        (or: fedclinic simulate)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedclinic.clients.site import Site, evaluate_round, train_round
+from fedclinic.config import from_run_config
+
+app = ClientApp()
+
+
+def _site(msg: Message, context: Context) -> Site:
+    """partition-id / num-partitions come from the simulation's node config."""
+    node = context.node_config
+    index, count = int(node["partition-id"]), int(node["num-partitions"])
+    state_dir = node.get("state-dir")
+    run_dir = msg.content["config"].get("run-dir")
+    if state_dir is None and run_dir:
+        state_dir = Path(str(run_dir)) / "sites" / f"site-{index}"
+    return Site(index=index, count=count, state_dir=None if state_dir is None else Path(str(state_dir)))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = from_run_config(context.run_config)
+    state_dict = msg.content["arrays"].to_torch_state_dict()
+    server_round = int(msg.content["config"]["server-round"])
+    new_state, metrics = train_round(config, _site(msg, context), state_dict, server_round=server_round)
+    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config = from_run_config(context.run_config)
+    metrics = evaluate_round(config, _site(msg, context), msg.content["arrays"].to_torch_state_dict())
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,134 @@
+"""Clean-data metrics of the multi-task model: accuracy, macro F1, box IoU, loss.
+
+    from fedclinic.evaluation import evaluate
+    metrics = evaluate(model, test_set, box_weight=1.0)
+    # {"loss": ..., "accuracy": ..., "f1": ..., "iou": ..., "n": 1000}
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from fedclinic.data.imageset import ImageSet
+from fedclinic.model import multitask_loss
+
+
+def box_iou(pred: Tensor | np.ndarray, true: Tensor | np.ndarray) -> Tensor:
+    """Per-row IoU of two N x 4 sets of (cx, cy, w, h) boxes, as a float Tensor of length N.
+
+    Row i compares pred[i] with true[i] only (torchvision's box_iou compares
+    every pair, N x N). A NaN in a row gives NaN for that row; two boxes of
+    zero area give 0.
+    """
+    pred = box_convert(torch.as_tensor(pred, dtype=torch.float64), "cxcywh", "xyxy")
+    true = box_convert(torch.as_tensor(true, dtype=torch.float64), "cxcywh", "xyxy")
+    top_left = torch.maximum(pred[:, :2], true[:, :2])
+    bottom_right = torch.minimum(pred[:, 2:], true[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area_pred = (pred[:, 2:] - pred[:, :2]).clamp(min=0).prod(dim=1)
+    area_true = (true[:, 2:] - true[:, :2]).clamp(min=0).prod(dim=1)
+    union = area_pred + area_true - intersection
+    # where() rather than a plain division: 0 / 0 for two empty boxes.
+    iou = torch.where(union > 0, intersection / union.clamp(min=1e-12), torch.zeros_like(union))
+    return torch.where(union.isnan(), union, iou).float()
+
+
+def confusion_matrix(pred_labels, labels, num_classes: int) -> np.ndarray:
+    """counts[t, p]: how many examples of true class t were predicted as class p."""
+    pred_labels = np.asarray(torch.as_tensor(pred_labels).cpu(), dtype=np.int64).ravel()
+    labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).ravel()
+    if pred_labels.shape != labels.shape:
+        raise ValueError(f"{len(pred_labels)} predictions for {len(labels)} labels")
+    for name, values in (("predicted labels", pred_labels), ("labels", labels)):
+        if values.size and (values.min() < 0 or values.max() >= num_classes):
+            raise ValueError(f"{name} must be in [0, {num_classes}), got values from {values.min()} to {values.max()}")
+    counts = np.bincount(labels * num_classes + pred_labels, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def macro_f1(pred_labels, labels, num_classes: int) -> float:
+    """Unweighted mean of the per-class F1 scores; NaN when there are no examples.
+
+    A class that appears neither in the labels nor in the predictions is
+    skipped (its F1 would be 0 / 0); one that is predicted but never true
+    scores 0.
+    """
+    counts = confusion_matrix(pred_labels, labels, num_classes)
+    true_positives = np.diag(counts)
+    # 2 TP + FP + FN = (times predicted) + (times true)
+    denominator = counts.sum(axis=0) + counts.sum(axis=1)
+    seen = denominator > 0
+    if not seen.any():
+        return math.nan
+    return float(np.mean(2 * true_positives[seen] / denominator[seen]))
+
+
+def balanced_accuracy(pred_labels, labels, num_classes: int) -> float:
+    """Mean recall over the classes present in the labels; NaN when there are no examples."""
+    counts = confusion_matrix(pred_labels, labels, num_classes)
+    per_class = counts.sum(axis=1)
+    present = per_class > 0
+    if not present.any():
+        return math.nan
+    return float(np.mean(np.diag(counts)[present] / per_class[present]))
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    box_weight: float,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Loss, accuracy, macro F1 and mean box IoU of `model` on `data`.
+
+    `model` must already live on `device`. Returns {"loss", "accuracy", "f1",
+    "iou", "n"}. "iou" is the mean IoU over the images that have a true
+    lesion box; it is NaN ("not applicable") when the data has no boxes or no
+    lesion. With no images at all, every metric is NaN and n is 0. The
+    model's train/eval mode is left as it was.
+    """
+    if data.images.dtype != np.uint8:
+        raise ValueError(f"evaluate expects uint8 images (pixels 0..255), got {data.images.dtype}")
+    n = len(data)
+    if n == 0:
+        return {"loss": math.nan, "accuracy": math.nan, "f1": math.nan, "iou": math.nan, "n": 0}
+
+    was_training = model.training
+    model.eval()
+    loss_sum = 0.0
+    pred_labels, ious = [], []
+    try:
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                # Batch by batch: the whole set as float32 would take 4x its uint8 memory.
+                images = torch.from_numpy(data.images[start:stop]).to(device).float() / 255.0
+                labels = torch.from_numpy(data.labels[start:stop]).to(device)
+                true_boxes = None if data.boxes is None else torch.from_numpy(data.boxes[start:stop]).to(device)
+                logits, pred_boxes = model(images)
+                loss, _ = multitask_loss(logits, pred_boxes, labels, true_boxes, box_weight=box_weight)
+                # the loss is a batch mean; weight by batch size for the mean over all images
+                loss_sum += loss.item() * (stop - start)
+                pred_labels.append(logits.argmax(dim=1).cpu())
+                if true_boxes is not None:
+                    has_box = torch.isfinite(true_boxes).all(dim=1)
+                    ious.append(box_iou(pred_boxes[has_box].cpu(), true_boxes[has_box].cpu()))
+    finally:
+        model.train(was_training)
+
+    pred = torch.cat(pred_labels).numpy()
+    lesion_ious = torch.cat(ious) if ious else torch.empty(0)
+    return {
+        "loss": loss_sum / n,
+        "accuracy": float(np.mean(pred == data.labels)),
+        "f1": macro_f1(pred, data.labels, data.num_classes),
+        "iou": lesion_ious.mean().item() if len(lesion_ious) else math.nan,
+        "n": n,
+    }

@@ -1,0 +1,85 @@
+"""PNG plots of a run (matplotlib, no screen needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedclinic.data import ImageSet  # noqa: E402
+
+
+def plot_central(rounds: list[dict], path: Path) -> None:
+    """Central accuracy and IoU of the global model per round."""
+    x = [r["round"] for r in rounds]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(x, [r["accuracy"] for r in rounds], marker="o", label="accuracy")
+    ax.plot(x, [r["f1"] for r in rounds], marker="s", label="macro-F1")
+    iou = [r["iou"] for r in rounds]
+    if any(np.isfinite(v) for v in iou):
+        ax.plot(x, iou, marker="^", label="mean IoU (lesions)")
+    ax.set(xlabel="round", ylabel="score", ylim=(0, 1), title="Global model on the server's test set")
+    ax.set_xticks(x)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_epsilon(site_metrics: list[dict], path: Path, target: float) -> None:
+    """Cumulative epsilon of each site after each round it trained in."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for site in sorted({int(m["site"]) for m in site_metrics}):
+        rows = sorted((m for m in site_metrics if int(m["site"]) == site), key=lambda m: m["round"])
+        ax.plot([m["round"] for m in rows], [m["epsilon"] for m in rows], marker="o", label=f"site {site}")
+    ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
+    ax.set(xlabel="round", ylabel="epsilon spent (cumulative)", title="Record-level privacy loss per site")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_label_distribution(sites: list[ImageSet], path: Path) -> None:
+    """Stacked bars: how many images of each class every site holds."""
+    counts = np.stack([s.label_counts() for s in sites])
+    names = sites[0].class_names
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bottom = np.zeros(len(sites))
+    for k, name in enumerate(names):
+        ax.bar(range(len(sites)), counts[:, k], bottom=bottom, label=name)
+        bottom += counts[:, k]
+    ax.set(xlabel="site", ylabel="training images", title="Label distribution per site")
+    ax.set_xticks(range(len(sites)))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_site_samples(sites: list[ImageSet], path: Path, per_site: int = 6) -> None:
+    """A few images of every site, with their class and lesion box."""
+    fig, axes = plt.subplots(len(sites), per_site, figsize=(1.4 * per_site, 1.5 * len(sites)), squeeze=False)
+    for i, data in enumerate(sites):
+        for j in range(per_site):
+            ax = axes[i, j]
+            ax.axis("off")
+            if j >= len(data):
+                continue
+            img = data.images[j]
+            h, w = img.shape[1:]
+            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=255)
+            ax.set_title(f"site {i}: {data.class_names[data.labels[j]]}", fontsize=6)
+            if data.boxes is not None and np.isfinite(data.boxes[j]).all():
+                cx, cy, bw, bh = data.boxes[j]
+                ax.add_patch(plt.Rectangle(((cx - bw / 2) * w - 0.5, (cy - bh / 2) * h - 0.5), bw * w, bh * h,
+                                           fill=False, edgecolor="red", linewidth=0.8))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,123 @@
+"""The typed configuration: one truth with pyproject.toml, sources in order, bad values refused."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fedclinic.config import Config, ConfigError, DEFAULTS, check_sites, from_run_config, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _flatten(table, prefix=""):
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_pyproject_run_config_defaults_equal_dataclass_defaults():
+    # Prepare
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    # Execute
+    flower_defaults = _flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    # Assert: same keys, same values, same types
+    assert flower_defaults.keys() == DEFAULTS.keys()
+    for key, value in DEFAULTS.items():
+        assert flower_defaults[key] == value, key
+        assert type(flower_defaults[key]) is type(value), key
+
+
+def test_sources_apply_in_order_defaults_file_then_set(tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("[privacy]\ntarget-epsilon = 3.0\ndelta = 1e-6\n[federation]\nrounds = 7\n")
+    config = load_config(cfg_file, ["privacy.target-epsilon=2", "data.path=some/file.npz"])
+    assert config.privacy.target_epsilon == 2.0  # --set beats the file
+    assert config.privacy.delta == 1e-6  # the file beats the default
+    assert config.federation.rounds == 7
+    assert config.federation.sites == 5  # default untouched
+    assert config.data.path == "some/file.npz"  # an unquoted value is a string
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    config = load_config(None, ["privacy.enabled=false", "output.name=x y", "data.label-alpha=0.3"])
+    saved = tmp_path / "config.toml"
+    saved.write_text(config.to_toml())
+    assert load_config(saved) == config
+
+
+def test_flower_run_config_gives_the_same_config():
+    config = load_config(None, ["federation.sites=3"])
+    assert from_run_config({**config.to_flat(), "unrelated-flower-key": 1}) == config
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("privacy.target-epsilon=0", "privacy.target-epsilon must be > 0, got 0"),
+        ("privacy.target-epsilon=-1", "privacy.target-epsilon must be > 0, got -1"),
+        ("privacy.delta=0", "privacy.delta must be in (0, 1), got 0"),
+        ("privacy.delta=1.5", "privacy.delta must be in (0, 1), got 1.5"),
+        ("federation.sites=0", "federation.sites must be at least 1, got 0"),
+        ("federation.rounds=0", "federation.rounds must be at least 1, got 0"),
+        ("privacy.accountant='gdp'", "privacy.accountant must be rdp or prv, got 'gdp'"),
+        ("federation.rounds=2.5", "federation.rounds must be a int, got 2.5"),
+        ("privacy.enabled=1", "privacy.enabled must be a bool, got 1"),
+    ],
+)
+def test_impossible_settings_are_refused_with_the_bad_value(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert words in str(err.value)
+
+
+def test_unknown_key_suggests_the_nearest_valid_key(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'privacy.target-epsilon'"):
+        load_config(None, ["privacy.target-epsilom=3"])
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text("[federation]\nsite = 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'federation.sites'"):
+        load_config(cfg_file)
+
+
+def test_missing_or_broken_config_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[privacy\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(bad)
+
+
+def test_delta_must_be_below_one_over_the_smallest_site():
+    config = load_config(None, ["privacy.delta=0.009", "training.batch-size=8"])
+    check_sites(config, [500, 111, 300])  # 0.009 < 1/111
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.009 must be below 1/150 \(site 1 has 150"):
+        check_sites(config, [500, 150, 300])
+
+
+def test_delta_is_not_checked_for_the_non_private_baseline():
+    config = load_config(None, ["privacy.delta=0.5", "privacy.enabled=false", "training.batch-size=8"])
+    check_sites(config, [10, 20])
+
+
+def test_batch_larger_than_a_site_is_refused():
+    config = load_config(None, ["training.batch-size=128"])
+    with pytest.raises(ConfigError, match="training.batch-size=128 is larger than site 2, which has only 100"):
+        check_sites(config, [500, 300, 100])
+
+
+def test_a_single_site_runs_and_min_sites_must_be_positive():
+    assert load_config(None, ["federation.sites=1"]).federation.sites == 1
+    with pytest.raises(ConfigError, match="federation.min-sites must be at least 1, got 0"):
+        load_config(None, ["federation.min-sites=0"])
+
+
+def test_defaults_are_the_documented_default_run():
+    config = Config()
+    assert (config.federation.sites, config.privacy.enabled) == (5, True)
+    assert (config.privacy.target_epsilon, config.privacy.delta) == (8.0, 1e-5)

@@ -1,0 +1,91 @@
+"""End to end: `fedclinic simulate` through Flower's real simulation runtime, as a user runs it."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fedclinic
+
+SMALL = ["--set", "data.site-size=300", "--set", "data.test-size=300"]
+
+
+def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedclinic.cli", "simulate", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def processes_started_for(run_dir: Path) -> list[int]:
+    """PIDs of live processes whose environment points Flower at this run's FLWR_HOME."""
+    marker = f"FLWR_HOME={run_dir / '.flwr'}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows(tmp_path):
+    # Execute
+    proc = simulate("--sites", "3", "--rounds", "2", "--out", str(tmp_path), "--name", "e2e", *SMALL)
+    # Assert
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "e2e"
+    results = json.loads((run / "results.json").read_text())
+    assert results["final"]["accuracy"] > 0.45  # three balanced classes: chance is 1/3
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert len(results["sites"]) == 3 and all(s["rounds_trained"] == 2 for s in results["sites"])
+    with open(run / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["site"] != "central"]
+    for site in ("0", "1", "2"):
+        eps = {int(r["round"]): float(r["epsilon"]) for r in rows if r["site"] == site}
+        assert 0 < eps[1] < eps[2] <= 8.0 * 1.001  # cumulative, within the budget
+    for name in ("config.toml", "report.md", "central_metrics.png", "epsilon_per_site.png",
+                 "label_distribution.png", "site_samples.png"):
+        assert (run / name).stat().st_size > 0, name
+    model = fedclinic.load_model(run / "global_model.pt")
+    assert not model.training
+    assert "round" in proc.stdout and "max eps" in proc.stdout  # the final table
+    assert processes_started_for(run) == []
+
+
+def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path):
+    proc = simulate("--out", str(tmp_path), "--set", "privacy.delta=0.5", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0  # one sentence, no traceback
+    assert "privacy.delta=0.5 must be below" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory was started
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_the_run_started(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", "simulate", "--sites", "2", "--rounds", "3",
+                             "--out", str(tmp_path), "--name", "stopme", *SMALL],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run = tmp_path / "stopme"
+        deadline = time.monotonic() + 120
+        while not processes_started_for(run) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert processes_started_for(run), "the SuperLink never started"
+        time.sleep(5)  # let the ServerApp and the simulation engine come up
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        assert "interrupted" in err
+        assert processes_started_for(run) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()

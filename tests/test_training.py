@@ -1,0 +1,78 @@
+"""A site's round: local DP-SGD with Opacus, its ledger, and the plain baseline."""
+
+import sys
+
+import pytest
+import torch
+
+from fedclinic.clients.site import Site, build_model, evaluate_round, train_round
+from fedclinic.clients.training import train_locally
+from fedclinic.config import load_config
+from fedclinic.data import site_data
+from fedclinic.privacy.accounting import epsilon
+from fedclinic.privacy.ledger import Ledger
+
+SMALL = ["data.site-size=200", "data.test-size=100", "training.batch-size=32"]
+
+
+def initial_state(config, site):
+    train, _ = site.data(config)
+    torch.manual_seed(0)
+    return build_model(config, train).state_dict()
+
+
+def test_dp_rounds_spend_the_planned_budget_and_persist_it(tmp_path):
+    # Prepare: one site that plans 3 rounds at epsilon = 3
+    config = load_config(None, SMALL + ["federation.rounds=3", "privacy.target-epsilon=3"])
+    site = Site(index=1, count=3, state_dir=tmp_path / "site-1")
+    state = initial_state(config, site)
+    spent = []
+    # Execute: all three planned rounds
+    for r in (1, 2, 3):
+        state, metrics = train_round(config, site, state, server_round=r)
+        spent.append(metrics["epsilon"])
+    # Assert: epsilon is cumulative, reaches the target at the last planned round, and is on disk
+    ledger = Ledger.open(tmp_path / "site-1", site=1)
+    assert ledger.rounds_trained == 3 and metrics["rounds-trained"] == 3
+    assert spent[0] < spent[1] < spent[2] == pytest.approx(3.0, rel=0.01)
+    assert spent[2] == pytest.approx(epsilon(ledger.history, delta=1e-5), rel=1e-9)
+    train, _ = site.data(config)
+    steps_per_round = -(-len(train) // 32)
+    assert [e.steps for e in ledger.entries] == [steps_per_round] * 3
+    assert metrics["sample-rate"] == pytest.approx(1 / steps_per_round)
+    assert metrics["num-examples"] == len(train) and metrics["sigma"] == ledger.plan.noise_multiplier > 0
+
+
+def test_dp_training_changes_the_model_and_returns_plain_keys(tmp_path):
+    config = load_config(None, SMALL)
+    site = Site(index=0, count=2, state_dir=None)
+    before = initial_state(config, site)
+    after, _ = train_round(config, site, before, server_round=1)
+    assert after.keys() == before.keys()  # no Opacus "_module." prefix reaches the server
+    assert any(not torch.equal(after[k], before[k]) for k in before)
+
+
+def test_the_non_private_baseline_uses_no_opacus_and_reports_no_epsilon():
+    config = load_config(None, SMALL + ["privacy.enabled=false"])
+    train, _ = site_data(config.data, 0, 2)
+    model = build_model(config, train)
+    already_loaded = "opacus.privacy_engine" in sys.modules
+    result = train_locally(model, train, training=config.training, privacy=config.privacy,
+                           box_weight=1.0, noise_multiplier=0.0, seed=0)
+    assert result.noise_multiplier == 0.0 and result.sample_rate == 1.0
+    if not already_loaded:
+        assert "opacus.privacy_engine" not in sys.modules
+    _, metrics = train_round(config, Site(0, 2, None), model.state_dict(), server_round=1)
+    assert metrics["epsilon"] == 0.0 and metrics["sigma"] == 0.0
+
+
+def test_non_private_local_training_learns_the_site_task():
+    config = load_config(None, ["data.site-size=600", "privacy.enabled=false", "training.local-epochs=3",
+                                "training.learning-rate=0.05"])
+    site = Site(index=0, count=1, state_dir=None)
+    state = initial_state(config, site)
+    before = evaluate_round(config, site, state)
+    state, _ = train_round(config, site, state, server_round=1)
+    after = evaluate_round(config, site, state)
+    assert after["accuracy"] > before["accuracy"] + 0.2
+    assert after["loss"] < before["loss"]
