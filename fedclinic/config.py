@@ -77,12 +77,18 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     # passes over the site's data per round
-    local_epochs: int = 1
+    local_epochs: int = 2
     # expected batch size; with DP, Poisson sampling at rate batch-size / site size
-    batch_size: int = 64
-    # SGD learning rate
-    learning_rate: float = 0.1
-    # SGD momentum
+    batch_size: int = 128
+    # local optimizer: sgd or adam (Opacus wraps either as DP-SGD / DP-Adam)
+    optimizer: str = "sgd"
+    # learning rate of the local optimizer with DP-SGD (its updates are averages of
+    # clipped, noisy per-example gradients, smaller than plain ones)
+    learning_rate: float = 0.3
+    # learning rate of the non-private baseline (privacy.enabled=false), whose batch
+    # gradient is clipped at privacy.max-grad-norm; at the DP rate it diverges
+    baseline_learning_rate: float = 0.1
+    # SGD momentum (ignored by adam)
     momentum: float = 0.9
     # auto (a GPU when one is present, else the CPU), cpu, or cuda
     device: str = "auto"
@@ -91,6 +97,11 @@ class TrainingConfig:
         _require(self.local_epochs >= 1, f"training.local-epochs must be >= 1, got {self.local_epochs}")
         _require(self.batch_size >= 1, f"training.batch-size must be >= 1, got {self.batch_size}")
         _require(self.learning_rate > 0, f"training.learning-rate must be > 0, got {self.learning_rate}")
+        _require(
+            self.baseline_learning_rate > 0,
+            f"training.baseline-learning-rate must be > 0, got {self.baseline_learning_rate}",
+        )
+        _require(self.optimizer in ("sgd", "adam"), f"training.optimizer must be sgd or adam, got {self.optimizer!r}")
         _require(0 <= self.momentum < 1, f"training.momentum must be in [0, 1), got {self.momentum}")
         _require(
             self.device in ("auto", "cpu", "cuda"),

@@ -50,6 +50,14 @@ def _conv_block(in_channels: int, out_channels: int, *, stride: int) -> nn.Seque
     )
 
 
+def _conv_block_1x1(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=1),
+        nn.GroupNorm(math.gcd(GROUPS, out_channels), out_channels),
+        nn.ReLU(),
+    )
+
+
 class MultiTaskNet(nn.Module):
     """Encoder (width -> 2 width -> 4 width channels) feeding a class head and a box head.
 
@@ -71,14 +79,16 @@ class MultiTaskNet(nn.Module):
             _conv_block(in_channels, width, stride=1),
             _conv_block(width, 2 * width, stride=2),
             _conv_block(2 * width, 4 * width, stride=2),
+            # a 1x1 reduction before pooling: 4x fewer features and head weights, and
+            # DP-SGD's noise norm grows with the square root of the parameter count
+            _conv_block_1x1(4 * width, width),
             nn.AdaptiveAvgPool2d(POOLED_SIZE),
             nn.Flatten(),
         )
-        features = 4 * width * POOLED_SIZE * POOLED_SIZE
+        features = width * POOLED_SIZE * POOLED_SIZE
         self.class_head = nn.Linear(features, num_classes)
-        # The hidden layer holds ~70% of the parameters and so of DP-SGD's
-        # per-example gradient work, but a linear box head localised far worse
-        # under DP (test IoU 0.14 against 0.36 on the synthetic sites).
+        # A hidden layer: a linear box head localised far worse under DP
+        # (test IoU 0.14 against 0.36 on the synthetic sites).
         self.box_head = nn.Sequential(
             nn.Linear(features, 4 * width),
             nn.ReLU(),

@@ -46,7 +46,7 @@ def test_default_width_is_small_enough_for_cheap_dp_sgd():
 
     count = sum(p.numel() for p in model.parameters())
 
-    assert 50_000 <= count <= 150_000
+    assert 20_000 <= count <= 60_000  # DP noise norm grows with sqrt(parameters)
     assert model.arch == {"in_channels": 1, "num_classes": 3, "width": 16}
 
 

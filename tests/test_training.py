@@ -37,9 +37,9 @@ def test_dp_rounds_spend_the_planned_budget_and_persist_it(tmp_path):
     assert spent[0] < spent[1] < spent[2] == pytest.approx(3.0, rel=0.01)
     assert spent[2] == pytest.approx(epsilon(ledger.history, delta=1e-5), rel=1e-9)
     train, _ = site.data(config)
-    steps_per_round = -(-len(train) // 32)
-    assert [e.steps for e in ledger.entries] == [steps_per_round] * 3
-    assert metrics["sample-rate"] == pytest.approx(1 / steps_per_round)
+    batches = -(-len(train) // 32)  # Poisson sampling at q = 1 / ceil(n / B), ceil(n / B) steps an epoch
+    assert [e.steps for e in ledger.entries] == [config.training.local_epochs * batches] * 3
+    assert metrics["sample-rate"] == pytest.approx(1 / batches)
     assert metrics["num-examples"] == len(train) and metrics["sigma"] == ledger.plan.noise_multiplier > 0
 
 

@@ -59,7 +59,11 @@ def train_locally(
     torch.manual_seed(seed)
     model.to(device).train()
     loader = DataLoader(as_dataset(data), batch_size=training.batch_size, shuffle=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=training.learning_rate, momentum=training.momentum)
+    lr = training.learning_rate if privacy.enabled else training.baseline_learning_rate
+    if training.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=training.momentum)
     q = 1.0
     if privacy.enabled:
         # imported here: the non-private baseline runs with no Opacus at all
@@ -88,6 +92,10 @@ def train_locally(
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if not privacy.enabled:
+                # the baseline shares the optimizer settings of DP-SGD, whose per-example
+                # clipping bounds the update; unclipped, the same learning rate diverges
+                nn.utils.clip_grad_norm_(model.parameters(), privacy.max_grad_norm)
             optimizer.step()  # DP-SGD: clip each example's gradient, add noise, step
             total += loss.item()
             batches += 1
