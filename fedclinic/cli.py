@@ -15,6 +15,7 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 
 from fedclinic.config import Config, ConfigError, DEFAULTS, check_sites, load_config
+from fedclinic.data import DataError
 
 
 def _simulate_parser(sub) -> None:
@@ -54,6 +55,21 @@ def resolve(args: argparse.Namespace) -> Config:
     )
 
 
+def check_budget(config: Config, smallest_site: int) -> None:
+    """Refuse a privacy target no noise level can meet, before any site starts."""
+    if not config.privacy.enabled:
+        return
+    from fedclinic.privacy.accounting import plan_site
+
+    try:  # the smallest site samples at the highest rate: if it can plan, every site can
+        plan_site(num_examples=smallest_site, batch_size=config.training.batch_size,
+                  local_epochs=config.training.local_epochs, rounds=config.federation.rounds,
+                  target_epsilon=config.privacy.target_epsilon, delta=config.privacy.delta,
+                  accountant=config.privacy.accountant)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def simulate(args: argparse.Namespace) -> int:
     from fedclinic import simulation
     from fedclinic.data import site_data, site_sizes
@@ -62,7 +78,9 @@ def simulate(args: argparse.Namespace) -> int:
 
     config = resolve(args)
     fed = config.federation
-    check_sites(config, site_sizes(config.data, fed.sites))
+    sizes = site_sizes(config.data, fed.sites)
+    check_sites(config, sizes)
+    check_budget(config, min(sizes))
     run_dir = run_directory(config)
     say = (lambda *a: None) if config.output.quiet else (lambda *a: print(*a, flush=True))
     privacy = (f"DP-SGD eps={config.privacy.target_epsilon:g}, delta={config.privacy.delta:g} per site"
@@ -93,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"simulate": simulate}[args.command](args)
-    except (ConfigError, SimulationError, ValueError) as err:
+    except (ConfigError, DataError, SimulationError) as err:
         print(f"fedclinic: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -242,7 +242,17 @@ def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | Non
                 streamer.wait(timeout=10)
         status = _run_status(link, run_id)
     if status != "finished:completed":
-        raise SimulationError(f"the Flower run ended as {status!r}; see {run_dir / 'flower.log'}")
+        reason = _last_error(run_dir / "flower.log")
+        raise SimulationError(f"the Flower run ended as {status!r}{reason}; see {run_dir / 'flower.log'}")
+
+
+def _last_error(log: Path) -> str:
+    """The last exception line in Flower's log of the run, as ': Type: message'."""
+    if not log.exists():
+        return ""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    errors = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    return f": {errors[-1]}" if errors else ""
 
 
 def _follow(path: Path, seen: int, on_progress: Callable[[dict], None] | None) -> int:

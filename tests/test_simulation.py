@@ -64,11 +64,16 @@ def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows
     assert processes_started_for(run) == []
 
 
-def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path):
-    proc = simulate("--out", str(tmp_path), "--set", "privacy.delta=0.5", timeout=120)
+@pytest.mark.parametrize("setting, words", [
+    ("privacy.delta=0.5", "privacy.delta=0.5 must be below"),
+    ("privacy.target-epsilon=1e-7", "no noise level reaches epsilon=1e-07"),
+    ("data.path=missing.npz", "missing.npz"),
+])
+def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path, setting, words):
+    proc = simulate("--out", str(tmp_path), "--set", setting, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0  # one sentence, no traceback
-    assert "privacy.delta=0.5 must be below" in proc.stderr
+    assert words in proc.stderr
     assert list(tmp_path.iterdir()) == []  # no run directory was started
 
 

@@ -76,3 +76,15 @@ def test_non_private_local_training_learns_the_site_task():
     after = evaluate_round(config, site, state)
     assert after["accuracy"] > before["accuracy"] + 0.2
     assert after["loss"] < before["loss"]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_every_offered_grad_sample_mode_trains_and_takes_the_planned_steps(mode):
+    config = load_config(None, SMALL + [f"privacy.grad-sample-mode={mode}", "training.local-epochs=1"])
+    train, _ = site_data(config.data, 0, 3)
+    model = build_model(config, train)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_locally(model, train, training=config.training, privacy=config.privacy,
+                           box_weight=1.0, noise_multiplier=1.0, seed=0)
+    assert result.steps == -(-len(train) // 32)
+    assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)

@@ -86,11 +86,13 @@ def train_locally(
     for _ in range(training.local_epochs):
         for images, labels, boxes in loader:
             x = images.to(device, torch.float32).div_(255)
+            # cleared before the forward pass: Opacus's "ew" mode collects per-sample
+            # gradients during it
+            optimizer.zero_grad(set_to_none=True)
             logits, pred_boxes = model(x)
             loss, _ = multitask_loss(
                 logits, pred_boxes, labels.to(device), boxes.to(device), box_weight=box_weight
             )
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if not privacy.enabled:
                 # the baseline shares the optimizer settings of DP-SGD, whose per-example
