@@ -1,0 +1,45 @@
+"""The ClientApp's Flower handlers, called the way the runtime calls them."""
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedclinic.clients.app import app
+from fedclinic.config import load_config
+from fedclinic.model import MultiTaskNet
+from fedclinic.privacy.ledger import Ledger
+
+
+def context(config, partition: int) -> Context:
+    return Context(run_id=1, node_id=partition + 1, node_config={"partition-id": partition, "num-partitions": 2},
+                   state=RecordDict(), run_config=config.to_flat())
+
+
+def message(kind: str, model, run_dir) -> Message:
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "config": ConfigRecord({"server-round": 1, "run-dir": str(run_dir)})})
+    return Message(content=content, dst_node_id=1, message_type=kind)
+
+
+def test_train_reply_carries_weights_and_privacy_metrics_and_writes_the_site_ledger(flower_task, tmp_path):
+    config = load_config(None, ["data.site-size=200", "training.batch-size=32", "training.local-epochs=1"])
+    torch.manual_seed(0)
+    model = MultiTaskNet(in_channels=1, num_classes=3, width=config.model.width)
+    reply = app(message("train", model, tmp_path), context(config, 1))
+    assert not reply.has_error(), reply.error
+    arrays = reply.content["arrays"].to_torch_state_dict()
+    assert arrays.keys() == model.state_dict().keys()
+    metrics = reply.content["metrics"]
+    assert metrics["site"] == 1 and metrics["num-examples"] > 0
+    assert 0 < metrics["epsilon"] < config.privacy.target_epsilon and metrics["sigma"] > 0
+    ledger = Ledger.open(tmp_path / "sites" / "site-1", site=1)
+    assert ledger.rounds_trained == 1 and ledger.epsilon() == metrics["epsilon"]
+
+
+def test_evaluate_reply_scores_the_global_model_on_the_site_validation_split(flower_task, tmp_path):
+    config = load_config(None, ["data.site-size=200", "training.batch-size=32"])
+    model = MultiTaskNet(in_channels=1, num_classes=3, width=config.model.width)
+    reply = app(message("evaluate", model, tmp_path), context(config, 0))
+    assert not reply.has_error(), reply.error
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and 0 <= metrics["accuracy"] <= 1
+    assert "arrays" not in reply.content  # evaluation sends nothing but metrics back
