@@ -43,3 +43,26 @@ def test_evaluate_reply_scores_the_global_model_on_the_site_validation_split(flo
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] > 0 and 0 <= metrics["accuracy"] <= 1
     assert "arrays" not in reply.content  # evaluation sends nothing but metrics back
+
+
+def test_a_site_with_a_data_path_trains_on_its_own_file_only(flower_task, tmp_path):
+    # Prepare: a site file of 3-channel 20x20 images without boxes
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 96
+    np.savez(tmp_path / "site.npz", train_images=rng.integers(0, 256, (n, 20, 20, 3), dtype=np.uint8),
+             train_labels=rng.integers(0, 4, (n, 1)), val_images=rng.integers(0, 256, (20, 20, 20, 3), dtype=np.uint8),
+             val_labels=rng.integers(0, 4, (20, 1)))
+    config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
+    model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
+    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path / "site.npz"),
+                                                    "state-dir": str(tmp_path / "state")},
+                  state=RecordDict(), run_config=config.to_flat())
+    # Execute
+    reply = app(message("train", model, tmp_path / "unused"), ctx)
+    # Assert: trained on the file's 96 images, ledger in the node's own state-dir
+    assert not reply.has_error(), reply.error
+    assert reply.content["metrics"]["num-examples"] == n
+    assert Ledger.open(tmp_path / "state", site=0).rounds_trained == 1
+    assert not (tmp_path / "unused").exists()

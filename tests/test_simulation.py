@@ -97,3 +97,32 @@ def test_ctrl_c_stops_every_process_the_run_started(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_a_users_npz_without_boxes_is_split_among_sites_and_iou_is_not_applicable(tmp_path):
+    # Prepare: a MedMNIST-style RGB file, labels N x 1, no *_boxes keys
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+
+    def split(n):
+        labels = rng.integers(0, 2, (n, 1))
+        images = rng.integers(0, 120, (n, 28, 28, 3)).astype(np.uint8)
+        images[labels[:, 0] == 1, 8:20, 8:20, :] += 120  # class 1: a bright square
+        return images, labels
+
+    arrays = {}
+    for name, n in (("train", 600), ("val", 60), ("test", 200)):
+        arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
+    np.savez(tmp_path / "scans.npz", **arrays)
+    # Execute
+    proc = simulate("--data", str(tmp_path / "scans.npz"), "--sites", "2", "--rounds", "1", "--out", str(tmp_path),
+                    "--name", "npz", "--set", "data.partitioner=iid", "--set", "training.batch-size=64")
+    # Assert
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "npz" / "results.json").read_text())
+    assert results["final"]["iou"] is None  # not applicable: the file has no boxes
+    assert sum(s["n"] for s in results["sites"]) == 540  # 600 train images, 10% kept for validation
+    assert "n/a" in (tmp_path / "npz" / "report.md").read_text()
+    assert fedclinic.load_model(tmp_path / "npz" / "global_model.pt").arch["in_channels"] == 3

@@ -17,14 +17,25 @@ app = ClientApp()
 
 
 def _site(msg: Message, context: Context) -> Site:
-    """partition-id / num-partitions come from the simulation's node config."""
+    """Who this site is, from its node config.
+
+    Simulation sets partition-id / num-partitions. A deployed SuperNode is
+    started with --node-config "data-path='site.npz' state-dir='...'" and reads
+    only its own file; its ledger lives in its state-dir.
+    """
     node = context.node_config
-    index, count = int(node["partition-id"]), int(node["num-partitions"])
+    index, count = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+    data_path = node.get("data-path")
     state_dir = node.get("state-dir")
     run_dir = msg.content["config"].get("run-dir")
     if state_dir is None and run_dir:
         state_dir = Path(str(run_dir)) / "sites" / f"site-{index}"
-    return Site(index=index, count=count, state_dir=None if state_dir is None else Path(str(state_dir)))
+    return Site(
+        index=index,
+        count=count,
+        state_dir=None if state_dir is None else Path(str(state_dir)),
+        data_path=None if data_path is None else Path(str(data_path)),
+    )
 
 
 @app.train()

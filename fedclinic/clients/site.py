@@ -13,7 +13,7 @@ import torch
 
 from fedclinic.clients.training import resolve_device, train_locally
 from fedclinic.config import Config
-from fedclinic.data import ImageSet, site_data
+from fedclinic.data import ImageSet, load_site_file, site_data
 from fedclinic.evaluation import evaluate
 from fedclinic.model import MultiTaskNet
 from fedclinic.privacy.ledger import Ledger, make_plan
@@ -24,8 +24,12 @@ class Site:
     index: int  # partition-id in simulation
     count: int  # num-partitions in simulation
     state_dir: Path | None  # where the site's ledger lives; None keeps it in memory
+    data_path: Path | None = None  # a deployed site's own .npz file; None = its simulated partition
 
     def data(self, config: Config) -> tuple[ImageSet, ImageSet]:
+        """(train, val): the site's own file when it has one, else its share of the simulated data."""
+        if self.data_path is not None:
+            return load_site_file(self.data_path)
         return site_data(config.data, self.index, self.count)
 
 
