@@ -39,3 +39,13 @@ def test_weights_are_the_sample_weighted_mean_and_site_metrics_are_kept(flower_t
     assert metrics["mean-epsilon"] == pytest.approx((2.0 + 3.5 + 1.0) / 3)
     assert metrics["sites"] == 3 and metrics["num-examples"] == total
     assert [(m["round"], m["site"], m["epsilon"]) for m in strategy.site_metrics] == [(1, 0, 2.0), (1, 1, 3.5), (1, 2, 1.0)]
+
+
+def test_the_aggregate_does_not_depend_on_which_site_replied_first(flower_task):
+    rng = np.random.default_rng(1)
+    sites = [({"w": rng.normal(size=1000).astype(np.float32)}, int(n)) for n in rng.integers(50, 500, size=6)]
+    forward = [reply(a, n=n, site=i, loss=0.1, eps=1.0) for i, (a, n) in enumerate(sites)]
+    backward = [reply(a, n=n, site=i, loss=0.1, eps=1.0) for i, (a, n) in reversed(list(enumerate(sites)))]
+    first, _ = SiteFedAvg(min_available_nodes=1).aggregate_train(1, forward)
+    second, _ = SiteFedAvg(min_available_nodes=1).aggregate_train(1, backward)
+    assert np.array_equal(first["w"].numpy(), second["w"].numpy())  # bit for bit: reruns reproduce

@@ -30,6 +30,12 @@ def aggregate_site_metrics(records: list[RecordDict], weighting_key: str) -> Met
     )
 
 
+def _site_of(msg: Message) -> tuple[int, int]:
+    if msg.has_error():
+        return (1, msg.metadata.src_node_id)
+    return (0, int(next(iter(msg.content.metric_records.values()))["site"]))
+
+
 class SiteFedAvg(FedAvg):
     """FedAvg that remembers every site's reply metrics, round by round."""
 
@@ -41,7 +47,9 @@ class SiteFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        # in site order, not arrival order: float sums then do not depend on which site
+        # finished first, and a rerun with the same seed aggregates the same way
+        replies = sorted(replies, key=_site_of)
         for msg in replies:
             if not msg.has_error():
                 metrics = next(iter(msg.content.metric_records.values()))
