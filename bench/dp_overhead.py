@@ -11,7 +11,6 @@ all alike).
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch

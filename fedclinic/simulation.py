@@ -222,9 +222,13 @@ def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | Non
         submitted = link.flwr("run", str(app_dir()), CONNECTION, "--run-config", str(run_config),
                               "--federation-config", federation, "--format", "json", timeout=120)
         try:
-            run_id = int(json.loads(submitted.stdout)["run-id"])
-        except (ValueError, KeyError):
-            raise SimulationError(f"flwr run refused the run: {(submitted.stdout + submitted.stderr).strip()[-600:]}")
+            answer = json.loads(submitted.stdout)
+        except ValueError:
+            answer = {"error-message": (submitted.stdout + submitted.stderr).strip()[-600:]}
+        if "run-id" not in answer:
+            reason = str(answer.get("error-message", "no reason given")).strip().splitlines()[-1]
+            raise SimulationError(f"flwr run refused the run: {reason}")
+        run_id = int(answer["run-id"])
         with open(run_dir / "flower.log", "w") as log:
             streamer = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=link.env,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
