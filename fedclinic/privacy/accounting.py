@@ -13,7 +13,7 @@ from typing import Iterable
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 
@@ -46,6 +46,13 @@ def steps_per_epoch(*, num_examples: int, batch_size: int) -> int:
 def sample_rate(*, num_examples: int, batch_size: int) -> float:
     """Poisson sampling rate q; Opacus derives it as 1 / (batches per epoch)."""
     return 1 / steps_per_epoch(num_examples=num_examples, batch_size=batch_size)
+
+
+def reachable(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> bool:
+    """Whether any noise level (up to the one Opacus's calibration tries last) meets the target."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        return epsilon([(MAX_SIGMA, sample_rate, steps)], delta=delta, accountant=accountant) <= target_epsilon
 
 
 def calibrate_noise(
@@ -92,3 +99,26 @@ def plan_site(
         target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=rounds * per_round, accountant=accountant
     )
     return sigma, q, per_round
+
+
+def plan_sites(
+    sizes: list[int],
+    *,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    target_epsilon: float,
+    delta: float,
+    accountant: str = "rdp",
+) -> list[dict]:
+    """Per site: q, steps per round, the calibrated sigma, and epsilon after each round."""
+    rows = []
+    for site, n in enumerate(sizes):
+        sigma, q, per_round = plan_site(
+            num_examples=n, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
+            target_epsilon=target_epsilon, delta=delta, accountant=accountant,
+        )
+        by_round = [epsilon([(sigma, q, r * per_round)], delta=delta, accountant=accountant) for r in range(1, rounds + 1)]
+        rows.append({"site": site, "n": n, "sample_rate": q, "steps_per_round": per_round,
+                     "noise_multiplier": sigma, "epsilon_by_round": by_round})
+    return rows

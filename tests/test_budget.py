@@ -1,0 +1,56 @@
+"""`fedclinic budget`: the calculator a privacy officer uses, checked against dp-accounting."""
+
+import json
+
+import pytest
+
+from fedclinic.cli import main
+from test_privacy import reference_epsilon
+
+
+def run(capsys, *args):
+    code = main(["budget", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("accountant, tolerance", [("rdp", 0.01), ("prv", 0.02)])
+def test_forward_prints_epsilon_that_an_independent_accountant_agrees_with(capsys, accountant, tolerance):
+    code, out, _ = run(capsys, "--sample-rate", "0.05", "--noise-multiplier", "1.1", "--steps", "400",
+                       "--delta", "1e-6", "--accountant", accountant, "--json")
+    answer = json.loads(out)
+    assert code == 0 and answer["accountant"] == accountant and answer["delta"] == 1e-6
+    assert answer["epsilon"] == pytest.approx(reference_epsilon([(1.1, 0.05, 400)], 1e-6, accountant), rel=tolerance)
+
+
+def test_inverse_prints_the_sigma_that_meets_the_target(capsys):
+    code, out, _ = run(capsys, "--sample-rate", "0.1", "--target-epsilon", "3", "--steps", "200", "--json")
+    sigma = json.loads(out)["noise_multiplier"]
+    assert code == 0
+    assert reference_epsilon([(sigma, 0.1, 200)], 1e-5, "rdp") == pytest.approx(3.0, rel=0.01)
+
+
+def test_plan_gives_each_site_a_sigma_that_spends_its_budget_by_the_last_round(capsys):
+    code, out, _ = run(capsys, "--plan", "--site-sizes", "600,100,1500", "--rounds", "3",
+                       "--set", "training.batch-size=50", "--set", "privacy.target-epsilon=4", "--json")
+    plan = json.loads(out)
+    assert code == 0 and [s["n"] for s in plan["sites"]] == [600, 100, 1500]
+    for site in plan["sites"]:
+        eps = site["epsilon_by_round"]
+        assert len(eps) == 3 and eps[0] < eps[1] < eps[2] == pytest.approx(4.0, rel=0.01)
+        assert site["sample_rate"] == pytest.approx(50 / site["n"])
+        assert site["steps_per_round"] == 2 * site["n"] // 50  # 2 local epochs of n / 50 batches
+    small, big = plan["sites"][1], plan["sites"][2]
+    assert small["noise_multiplier"] > big["noise_multiplier"]  # a small site samples more of itself per step
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sample-rate", "1.5", "--steps", "10", "--noise-multiplier", "1"], "--sample-rate must be in (0, 1], got 1.5"),
+    (["--sample-rate", "0.1", "--steps", "10"], "exactly one of --noise-multiplier"),
+    (["--sample-rate", "0.1", "--steps", "10", "--target-epsilon", "1e-9"], "no noise level reaches epsilon=1e-09"),
+    (["--plan", "--site-sizes", "600,x"], "--site-sizes expects whole numbers"),
+])
+def test_impossible_questions_get_one_sentence(capsys, args, words):
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == ""
+    assert words in err and err.count("\n") == 1
