@@ -40,10 +40,10 @@ def resolve(args: argparse.Namespace) -> Config:
     overrides = list(args.set)
     for flag, key in (("sites", "federation.sites"), ("rounds", "federation.rounds"), ("data", "data.path"),
                       ("out", "output.dir"), ("name", "output.name")):
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)  # budget --plan has no --out / --name
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    if args.quiet:
+    if getattr(args, "quiet", False):
         overrides.append("output.quiet=true")
     config = load_config(args.config, overrides)
     name = config.output.name or time.strftime("%Y%m%d-%H%M%S")
@@ -169,9 +169,6 @@ def budget(args: argparse.Namespace) -> int:
 def _budget_plan(args: argparse.Namespace, plan_sites) -> int:
     from fedclinic.data import site_sizes
 
-    for flag in ("name", "out"):
-        setattr(args, flag, None)
-    args.quiet = False
     config = resolve(args)
     if args.site_sizes:
         try:

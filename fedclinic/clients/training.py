@@ -82,7 +82,7 @@ def train_locally(
         q = loader.sample_rate
 
     t0 = time.perf_counter()
-    total, batches, steps = 0.0, 0, 0
+    total, steps = 0.0, 0
     for _ in range(training.local_epochs):
         for images, labels, boxes in loader:
             x = images.to(device, torch.float32).div_(255)
@@ -100,11 +100,10 @@ def train_locally(
                 nn.utils.clip_grad_norm_(model.parameters(), privacy.max_grad_norm)
             optimizer.step()  # DP-SGD: clip each example's gradient, add noise, step
             total += loss.item()
-            batches += 1
             steps += 1
     seconds = time.perf_counter() - t0
     return LocalResult(
-        loss=total / max(batches, 1),
+        loss=total / max(steps, 1),
         steps=steps,
         sample_rate=q,
         noise_multiplier=noise_multiplier if privacy.enabled else 0.0,

@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedclinic.privacy.accounting import Release, epsilon
+from fedclinic.config import PrivacyConfig
+from fedclinic.privacy.accounting import Release, epsilon, plan_site
 
 FORMAT = "fedclinic-ledger/1"
 FILENAME = "ledger.json"
@@ -113,10 +114,8 @@ class Ledger:
         return cls(site=site, plan=plan, entries=entries, path=path)
 
 
-def make_plan(*, num_examples: int, batch_size: int, local_epochs: int, rounds: int, privacy) -> Plan:
+def make_plan(*, num_examples: int, batch_size: int, local_epochs: int, rounds: int, privacy: PrivacyConfig) -> Plan:
     """The site's sigma for its target (epsilon, delta) over all planned rounds."""
-    from fedclinic.privacy.accounting import plan_site
-
     sigma, q, per_round = plan_site(
         num_examples=num_examples,
         batch_size=batch_size,
