@@ -26,7 +26,7 @@ MODES = ["plain", "hooks", "functorch", "ew"]
 
 def one_epoch(config, data, mode: str) -> float:
     if mode == "plain":
-        config = replace(config, privacy={"enabled": False})
+        config = replace(config, privacy={"mode": "off"})
     else:
         config = replace(config, privacy={"grad_sample_mode": mode})
     torch.manual_seed(0)

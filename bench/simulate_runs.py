@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="fedclinic-bench-"))
     dp, dp_wall, dp_peak = simulate(out, "default-dp")
-    plain, plain_wall, _ = simulate(out, "default-plain", "--set", "privacy.enabled=false")
+    plain, plain_wall, _ = simulate(out, "default-plain", "--set", "privacy.mode=off")
     compute, ratio = overhead(dp, dp_wall)
     print(f"default run (DP on): wall {dp_wall:.1f} s, compute {compute:.1f} s, "
           f"overhead wall/compute = {ratio:.2f} (goal <= 1.25); peak memory {dp_peak / 2**30:.2f} GiB")

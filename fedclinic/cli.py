@@ -57,7 +57,7 @@ def resolve(args: argparse.Namespace) -> Config:
 
 def check_budget(config: Config, smallest_site: int) -> None:
     """Refuse a privacy target no noise level can meet, before any site starts."""
-    if not config.privacy.enabled:
+    if not config.privacy.local:
         return
     from fedclinic.privacy.accounting import reachable, sample_rate, steps_per_epoch
 
@@ -86,7 +86,7 @@ def simulate(args: argparse.Namespace) -> int:
     run_dir = run_directory(config)
     say = (lambda *a: None) if config.output.quiet else (lambda *a: print(*a, flush=True))
     privacy = (f"DP-SGD eps={config.privacy.target_epsilon:g}, delta={config.privacy.delta:g} per site"
-               if config.privacy.enabled else "privacy OFF (non-private baseline)")
+               if config.privacy.local else "privacy OFF (non-private baseline)")
     say(f"fedclinic: {fed.sites} sites, {fed.rounds} rounds, {privacy} -> {run_dir}")
 
     # what the sites hold: simulation only, the server never sees site data in deployment

@@ -85,7 +85,7 @@ class TrainingConfig:
     # learning rate of the local optimizer with DP-SGD (its updates are averages of
     # clipped, noisy per-example gradients, smaller than plain ones)
     learning_rate: float = 0.3
-    # learning rate of the non-private baseline (privacy.enabled=false), whose batch
+    # learning rate of the non-private baseline (privacy.mode=off or central), whose batch
     # gradient is clipped at privacy.max-grad-norm; at the DP rate it diverges
     baseline_learning_rate: float = 0.1
     # SGD momentum (ignored by adam)
@@ -109,30 +109,86 @@ class TrainingConfig:
         )
 
 
+MODES = ("local", "central", "both", "off")
+
+
 @dataclass(frozen=True)
 class PrivacyConfig:
-    # record-level DP-SGD at every site; false gives the non-private baseline (no Opacus)
-    enabled: bool = True
-    # each site's epsilon over the whole training (all rounds), not per round
+    # which guarantee: local (record-level DP-SGD at every site), central (site-level:
+    # clipped site updates, noise on the aggregate), both, or off (non-private baseline)
+    mode: str = "local"
+    # each site's record-level epsilon over the whole training (all rounds), not per
+    # round; noise is calibrated to it, and it is each site's hard budget
     target_epsilon: float = 8.0
     # each site's delta; must be below 1 / (size of the smallest site)
     delta: float = 1e-5
+    # fixed DP-SGD noise multiplier; 0 means calibrate it to target-epsilon
+    noise_multiplier: float = 0.0
+    # per-site budgets overriding target-epsilon as a site's hard limit, "SITE=EPS,...",
+    # e.g. "0=2.5,3=4"; a deployed site sets max-epsilon in its node config instead
+    site_budgets: str = ""
     # per-example gradient clipping norm C
     max_grad_norm: float = 1.0
     # privacy accountant: rdp or prv (Opacus)
     accountant: str = "rdp"
     # Opacus per-sample gradient engine: hooks, functorch or ew
     grad_sample_mode: str = "hooks"
+    # central DP: L2 norm each site's model update is clipped to
+    central_clipping_norm: float = 1.0
+    # central DP: noise std on the sum of site updates, in units of central-clipping-norm
+    central_noise_multiplier: float = 1.0
+    # central DP: the site-level delta; must be below 1 / (number of sites)
+    central_delta: float = 1e-3
 
     def __post_init__(self) -> None:
+        _require(self.mode in MODES, f"privacy.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _require(self.target_epsilon > 0, f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")
+        _require(self.noise_multiplier >= 0, f"privacy.noise-multiplier must be >= 0, got {self.noise_multiplier}")
+        self.budgets()  # refuses a malformed site-budgets string
         _require(self.max_grad_norm > 0, f"privacy.max-grad-norm must be > 0, got {self.max_grad_norm}")
         _require(self.accountant in ("rdp", "prv"), f"privacy.accountant must be rdp or prv, got {self.accountant!r}")
         _require(
             self.grad_sample_mode in ("hooks", "functorch", "ew"),
             f"privacy.grad-sample-mode must be hooks, functorch or ew, got {self.grad_sample_mode!r}",
         )
+        _require(
+            self.central_clipping_norm > 0,
+            f"privacy.central-clipping-norm must be > 0, got {self.central_clipping_norm}",
+        )
+        _require(
+            self.central_noise_multiplier > 0,
+            f"privacy.central-noise-multiplier must be > 0, got {self.central_noise_multiplier}",
+        )
+        _require(0 < self.central_delta < 1, f"privacy.central-delta must be in (0, 1), got {self.central_delta}")
+
+    @property
+    def local(self) -> bool:
+        """Record-level DP-SGD at the sites."""
+        return self.mode in ("local", "both")
+
+    @property
+    def central(self) -> bool:
+        """Site-level DP on the server's aggregate."""
+        return self.mode in ("central", "both")
+
+    def budgets(self) -> dict[int, float]:
+        """The per-site overrides of privacy.site-budgets: {site: epsilon}."""
+        budgets = {}
+        for item in filter(None, (part.strip() for part in self.site_budgets.split(","))):
+            site, _, eps = item.partition("=")
+            try:
+                budgets[int(site)] = float(eps)
+            except ValueError:
+                raise ConfigError(
+                    f"privacy.site-budgets must look like \"0=2.5,3=4\" (site=epsilon), got {self.site_budgets!r}"
+                ) from None
+            _require(budgets[int(site)] > 0, f"privacy.site-budgets: site {site}'s epsilon must be > 0, got {eps}")
+        return budgets
+
+    def budget(self, site: int) -> float:
+        """The site's hard record-level budget epsilon_max."""
+        return self.budgets().get(site, self.target_epsilon)
 
 
 @dataclass(frozen=True)
@@ -318,15 +374,28 @@ def check_sites(config: Config, site_sizes: list[int]) -> None:
         f"training.batch-size={config.training.batch_size} is larger than site {site}, "
         f"which has only {smallest} training images",
     )
-    if config.privacy.enabled:
+    if config.privacy.local:
         _require(
             config.privacy.delta < 1 / smallest,
             f"privacy.delta={config.privacy.delta} must be below 1/{smallest} "
             f"(site {site} has {smallest} training images); choose a smaller delta",
         )
+    sites = len(site_sizes)
+    if config.privacy.central:
+        _require(
+            config.privacy.central_delta < 1 / sites,
+            f"privacy.central-delta={config.privacy.central_delta} must be below 1/{sites} "
+            f"(the federation has {sites} sites); choose a smaller delta",
+        )
+    unknown = sorted(k for k in config.privacy.budgets() if not 0 <= k < sites)
+    _require(
+        not unknown,
+        f"privacy.site-budgets names site {unknown[0] if unknown else ''}, "
+        f"but the sites are numbered 0 to {sites - 1}",
+    )
 
 
 def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
-    """A copy with some fields changed: replace(cfg, privacy={"enabled": False})."""
+    """A copy with some fields changed: replace(cfg, privacy={"mode": "off"})."""
     parts = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
     return dataclasses.replace(config, **parts)

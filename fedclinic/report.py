@@ -72,7 +72,7 @@ class RunRecorder:
         (self.path / "results.json").write_text(json.dumps(results, indent=2))
         self._write_metrics_csv(site_metrics)
         plot_central(self.central, self.path / "central_metrics.png")
-        if self.config.privacy.enabled:
+        if self.config.privacy.local:
             plot_epsilon(site_metrics, self.path / "epsilon_per_site.png", self.config.privacy.target_epsilon)
         (self.path / "report.md").write_text(render_report(results, self.path))
         return results
@@ -87,11 +87,11 @@ class RunRecorder:
             "run": self.path.name,
             "config": self.config.to_flat(),
             "privacy": {
-                "enabled": privacy.enabled,
-                "guarantee": "record-level DP-SGD at each site" if privacy.enabled else "none",
-                "accountant": privacy.accountant if privacy.enabled else None,
-                "target_epsilon": privacy.target_epsilon if privacy.enabled else None,
-                "delta": privacy.delta if privacy.enabled else None,
+                "mode": privacy.mode,
+                "guarantee": "record-level DP-SGD at each site" if privacy.local else "none",
+                "accountant": privacy.accountant if privacy.local else None,
+                "target_epsilon": privacy.target_epsilon if privacy.local else None,
+                "delta": privacy.delta if privacy.local else None,
             },
             "rounds": [{k: _clean(v) for k, v in r.items()} for r in self.central],
             "final": {k: _clean(final.get(k)) for k in ("accuracy", "f1", "iou", "loss", "max_epsilon")},
@@ -167,7 +167,7 @@ def render_report(results: dict, path: Path) -> str:
         "",
         "## Privacy",
     ]
-    if privacy["enabled"]:
+    if privacy["mode"] in ("local", "both"):
         lines += [
             f"Every site trained with DP-SGD (Opacus, {privacy['accountant'].upper()} accountant), aiming at "
             f"epsilon = {privacy['target_epsilon']} at delta = {privacy['delta']} over the whole training. "

@@ -44,7 +44,7 @@ def test_sources_apply_in_order_defaults_file_then_set(tmp_path):
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    config = load_config(None, ["privacy.enabled=false", "output.name=x y", "data.label-alpha=0.3"])
+    config = load_config(None, ["privacy.mode=off", "output.name=x y", "data.label-alpha=0.3"])
     saved = tmp_path / "config.toml"
     saved.write_text(config.to_toml())
     assert load_config(saved) == config
@@ -66,7 +66,7 @@ def test_flower_run_config_gives_the_same_config():
         ("federation.rounds=0", "federation.rounds must be at least 1, got 0"),
         ("privacy.accountant='gdp'", "privacy.accountant must be rdp or prv, got 'gdp'"),
         ("federation.rounds=2.5", "federation.rounds must be a int, got 2.5"),
-        ("privacy.enabled=1", "privacy.enabled must be a bool, got 1"),
+        ("privacy.mode=1", "privacy.mode must be a str, got 1"),
     ],
 )
 def test_impossible_settings_are_refused_with_the_bad_value(override, words):
@@ -101,7 +101,7 @@ def test_delta_must_be_below_one_over_the_smallest_site():
 
 
 def test_delta_is_not_checked_for_the_non_private_baseline():
-    config = load_config(None, ["privacy.delta=0.5", "privacy.enabled=false", "training.batch-size=8"])
+    config = load_config(None, ["privacy.delta=0.5", "privacy.mode=off", "training.batch-size=8"])
     check_sites(config, [10, 20])
 
 
@@ -119,7 +119,7 @@ def test_a_single_site_runs_and_min_sites_must_be_positive():
 
 def test_defaults_are_the_documented_default_run():
     config = Config()
-    assert (config.federation.sites, config.privacy.enabled) == (5, True)
+    assert (config.federation.sites, config.privacy.mode) == (5, "local")
     assert (config.privacy.target_epsilon, config.privacy.delta) == (8.0, 1e-5)
 
 

@@ -53,7 +53,7 @@ def test_dp_training_changes_the_model_and_returns_plain_keys(tmp_path):
 
 
 def test_the_non_private_baseline_uses_no_opacus_and_reports_no_epsilon():
-    config = load_config(None, SMALL + ["privacy.enabled=false"])
+    config = load_config(None, SMALL + ["privacy.mode=off"])
     train, _ = site_data(config.data, 0, 2)
     model = build_model(config, train)
     already_loaded = "opacus.privacy_engine" in sys.modules
@@ -67,7 +67,7 @@ def test_the_non_private_baseline_uses_no_opacus_and_reports_no_epsilon():
 
 
 def test_non_private_local_training_learns_the_site_task():
-    config = load_config(None, ["data.site-size=600", "privacy.enabled=false", "training.local-epochs=3",
+    config = load_config(None, ["data.site-size=600", "privacy.mode=off", "training.local-epochs=3",
                                 "training.learning-rate=0.05"])
     site = Site(index=0, count=1, state_dir=None)
     state = initial_state(config, site)

@@ -46,7 +46,7 @@ def train_round(config: Config, site: Site, state_dict: dict, *, server_round: i
     model = build_model(config, train, state_dict)
     ledger = Ledger.open(site.state_dir, site=site.index)
     sigma = 0.0
-    if config.privacy.enabled:
+    if config.privacy.local:
         if ledger.plan is None:  # calibrated once, before the first round, for all planned rounds
             ledger.set_plan(
                 make_plan(
@@ -67,7 +67,7 @@ def train_round(config: Config, site: Site, state_dict: dict, *, server_round: i
         noise_multiplier=sigma,
         seed=config.data.seed * 100_003 + site.index * 1009 + server_round,
     )
-    if config.privacy.enabled:
+    if config.privacy.local:
         ledger.record(round=server_round, noise_multiplier=sigma, sample_rate=result.sample_rate, steps=result.steps)
     metrics = {
         "num-examples": result.num_examples,
@@ -78,8 +78,8 @@ def train_round(config: Config, site: Site, state_dict: dict, *, server_round: i
         "sigma": result.noise_multiplier,
         "sample-rate": result.sample_rate,
         "epsilon": ledger.epsilon(),
-        "delta": config.privacy.delta if config.privacy.enabled else 0.0,
-        "rounds-trained": ledger.rounds_trained if config.privacy.enabled else server_round,
+        "delta": config.privacy.delta if config.privacy.local else 0.0,
+        "rounds-trained": ledger.rounds_trained if config.privacy.local else server_round,
     }
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return state, metrics

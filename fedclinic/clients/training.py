@@ -59,13 +59,13 @@ def train_locally(
     torch.manual_seed(seed)
     model.to(device).train()
     loader = DataLoader(as_dataset(data), batch_size=training.batch_size, shuffle=True)
-    lr = training.learning_rate if privacy.enabled else training.baseline_learning_rate
+    lr = training.learning_rate if privacy.local else training.baseline_learning_rate
     if training.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=training.momentum)
     q = 1.0
-    if privacy.enabled:
+    if privacy.local:
         # imported here: the non-private baseline runs with no Opacus at all
         from opacus import PrivacyEngine
 
@@ -94,7 +94,7 @@ def train_locally(
                 logits, pred_boxes, labels.to(device), boxes.to(device), box_weight=box_weight
             )
             loss.backward()
-            if not privacy.enabled:
+            if not privacy.local:
                 # the baseline shares the optimizer settings of DP-SGD, whose per-example
                 # clipping bounds the update; unclipped, the same learning rate diverges
                 nn.utils.clip_grad_norm_(model.parameters(), privacy.max_grad_norm)
@@ -106,7 +106,7 @@ def train_locally(
         loss=total / max(steps, 1),
         steps=steps,
         sample_rate=q,
-        noise_multiplier=noise_multiplier if privacy.enabled else 0.0,
+        noise_multiplier=noise_multiplier if privacy.local else 0.0,
         seconds=seconds,
         num_examples=len(data),
     )
