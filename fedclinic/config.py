@@ -139,6 +139,9 @@ class PrivacyConfig:
     central_noise_multiplier: float = 1.0
     # central DP: the site-level delta; must be below 1 / (number of sites)
     central_delta: float = 1e-3
+    # after a simulated run, a membership-inference audit of the final model against
+    # every site's training images (simulation only: the auditor needs the sites' data)
+    audit: bool = True
 
     def __post_init__(self) -> None:
         _require(self.mode in MODES, f"privacy.mode must be one of {', '.join(MODES)}, got {self.mode!r}")

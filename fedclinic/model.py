@@ -100,6 +100,29 @@ class MultiTaskNet(nn.Module):
         return self.class_head(features), torch.sigmoid(self.box_head(features))
 
 
+def per_example_losses(
+    logits: Tensor, pred_boxes: Tensor, labels: Tensor, true_boxes: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Each example's cross-entropy and box loss, two length-N tensors.
+
+    The box loss is smooth L1 on cx, cy, w, h, averaged over the 4
+    coordinates; it is 0 for a row whose true box is not finite (a NaN row
+    means "no lesion") and for every row when `true_boxes` is None (data
+    without boxes). Both stay attached to the model's outputs.
+    """
+    cls_loss = F.cross_entropy(logits, labels, reduction="none")
+    if true_boxes is None:
+        # Zero times the boxes keeps the box head in the graph, so Opacus still
+        # gets a (zero) per-example gradient for every parameter.
+        return cls_loss, pred_boxes.sum(dim=1) * 0.0
+    has_box = torch.isfinite(true_boxes).all(dim=1)
+    # NaN targets are replaced before the arithmetic: NaN * 0 is NaN, and it
+    # would reach the gradients otherwise.
+    safe_true = torch.where(has_box[:, None], true_boxes, pred_boxes.detach())
+    per_row = F.smooth_l1_loss(pred_boxes, safe_true, reduction="none", beta=BOX_LOSS_BETA).mean(dim=1)
+    return cls_loss, torch.where(has_box, per_row, torch.zeros_like(per_row))
+
+
 def multitask_loss(
     logits: Tensor,
     pred_boxes: Tensor,
@@ -110,31 +133,20 @@ def multitask_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Mean cross-entropy + box_weight * box loss, and the two parts as floats.
 
-    The box loss (smooth L1 on cx, cy, w, h, averaged over the 4 coordinates)
-    counts only rows whose true box is finite (a NaN row means "no lesion"),
-    and is summed over those rows and divided by the whole batch size N. The
-    total is therefore the mean over examples of a per-example loss (an image
-    without a lesion contributes 0 box loss), which is what DP-SGD's
-    per-example clipping assumes. `true_boxes=None` (data without boxes) gives
-    the classification loss only. An empty batch gives 0, still attached to
-    the model's outputs.
+    Both parts are sums of `per_example_losses` divided by the whole batch
+    size N, so the box loss counts only rows with a finite true box but is
+    still divided by N. The total is therefore the mean over examples of a
+    per-example loss (an image without a lesion contributes 0 box loss),
+    which is what DP-SGD's per-example clipping assumes. `true_boxes=None`
+    (data without boxes) gives the classification loss only. An empty batch
+    gives 0, still attached to the model's outputs.
     """
-    n = labels.shape[0]
+    cls_rows, box_rows = per_example_losses(logits, pred_boxes, labels, true_boxes)
     # sum / max(n, 1) rather than mean: an empty batch (Poisson sampling can
     # draw one) gives 0 instead of 0/0.
-    per_batch = max(n, 1)
-    cls_loss = F.cross_entropy(logits, labels, reduction="sum") / per_batch
-    if true_boxes is None:
-        # Zero times the boxes keeps the box head in the graph, so Opacus still
-        # gets a (zero) per-example gradient for every parameter.
-        box_loss = pred_boxes.sum() * 0.0
-    else:
-        has_box = torch.isfinite(true_boxes).all(dim=1)
-        # NaN targets are replaced before the arithmetic: NaN * 0 is NaN, and it
-        # would reach the gradients otherwise.
-        safe_true = torch.where(has_box[:, None], true_boxes, pred_boxes.detach())
-        per_row = F.smooth_l1_loss(pred_boxes, safe_true, reduction="none", beta=BOX_LOSS_BETA).mean(dim=1)
-        box_loss = torch.where(has_box, per_row, torch.zeros_like(per_row)).sum() / per_batch
+    per_batch = max(labels.shape[0], 1)
+    cls_loss = cls_rows.sum() / per_batch
+    box_loss = box_rows.sum() / per_batch
     loss = cls_loss + box_weight * box_loss
     return loss, {"cls": cls_loss.item(), "box": box_loss.item()}
 

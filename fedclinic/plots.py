@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from fedclinic.data import ImageSet  # noqa: E402
 
@@ -80,6 +81,40 @@ def plot_site_samples(sites: list[ImageSet], path: Path, per_site: int = 6) -> N
                 cx, cy, bw, bh = data.boxes[j]
                 ax.add_patch(plt.Rectangle(((cx - bw / 2) * w - 0.5, (cy - bh / 2) * h - 0.5), bw * w, bh * h,
                                            fill=False, edgecolor="red", linewidth=0.8))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_privacy_tradeoff(rows: list[dict], metric: str, path: Path, *, ylabel: str) -> None:
+    """A final metric of each sweep point against the epsilon it spent (log x); the baseline as a dashed line.
+
+    `rows` are sweep rows: `mode`, `noise_multiplier`, `max_grad_norm`, `max_epsilon` and the metric (None = not
+    measured).
+    Private points are joined by clipping norm; a point that spent no epsilon has no place on a log axis.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    private = [r for r in rows if r["mode"] != "off" and r[metric] is not None and (r["max_epsilon"] or 0) > 0]
+    for norm in sorted({r["max_grad_norm"] for r in private}):
+        group = sorted((r for r in private if r["max_grad_norm"] == norm), key=lambda r: r["max_epsilon"])
+        ax.plot([r["max_epsilon"] for r in group], [r[metric] for r in group], marker="o",
+                label=f"DP-SGD, clipping norm {norm:g}")
+        for r in group:
+            if r["noise_multiplier"]:  # a target-epsilon point sits at its epsilon; a fixed sigma needs naming
+                ax.annotate(f"σ={r['noise_multiplier']:g}", (r["max_epsilon"], r[metric]), xytext=(3, 3),
+                            textcoords="offset points", fontsize=7)
+    if private:
+        ax.set_xscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(plain)
+    for r in rows:
+        if r["mode"] == "off" and r[metric] is not None:
+            ax.axhline(r[metric], color="k", linestyle="--", linewidth=1, label="non-private")
+    ax.set(xlabel="epsilon spent (largest over sites)", ylabel=ylabel, ylim=(0, 1),
+           title=f"Privacy/utility trade-off: {ylabel}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,11 +1,14 @@
 """The ClientApp's Flower handlers, called the way the runtime calls them."""
 
+import numpy as np
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedclinic.clients.app import app
 from fedclinic.config import load_config
 from fedclinic.model import MultiTaskNet
+from fedclinic.privacy.accounting import plan_sites, rounds_within
 from fedclinic.privacy.ledger import Ledger
 
 
@@ -14,9 +17,9 @@ def context(config, partition: int) -> Context:
                    state=RecordDict(), run_config=config.to_flat())
 
 
-def message(kind: str, model, run_dir) -> Message:
+def message(kind: str, model, run_dir, server_round: int = 1) -> Message:
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "config": ConfigRecord({"server-round": 1, "run-dir": str(run_dir)})})
+                          "config": ConfigRecord({"server-round": server_round, "run-dir": str(run_dir)})})
     return Message(content=content, dst_node_id=1, message_type=kind)
 
 
@@ -45,15 +48,18 @@ def test_evaluate_reply_scores_the_global_model_on_the_site_validation_split(flo
     assert "arrays" not in reply.content  # evaluation sends nothing but metrics back
 
 
-def test_a_site_with_a_data_path_trains_on_its_own_file_only(flower_task, tmp_path):
-    # Prepare: a site file of 3-channel 20x20 images without boxes
-    import numpy as np
-
+def site_file(path, n: int = 96):
+    """A site file of n 3-channel 20x20 images without boxes, 4 classes."""
     rng = np.random.default_rng(0)
-    n = 96
-    np.savez(tmp_path / "site.npz", train_images=rng.integers(0, 256, (n, 20, 20, 3), dtype=np.uint8),
+    np.savez(path, train_images=rng.integers(0, 256, (n, 20, 20, 3), dtype=np.uint8),
              train_labels=rng.integers(0, 4, (n, 1)), val_images=rng.integers(0, 256, (20, 20, 20, 3), dtype=np.uint8),
              val_labels=rng.integers(0, 4, (20, 1)))
+
+
+def test_a_site_with_a_data_path_trains_on_its_own_file_only(flower_task, tmp_path):
+    # Prepare: a site file of 3-channel 20x20 images without boxes
+    n = 96
+    site_file(tmp_path / "site.npz", n)
     config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
     ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path / "site.npz"),
@@ -66,3 +72,32 @@ def test_a_site_with_a_data_path_trains_on_its_own_file_only(flower_task, tmp_pa
     assert reply.content["metrics"]["num-examples"] == n
     assert Ledger.open(tmp_path / "state", site=0).rounds_trained == 1
     assert not (tmp_path / "unused").exists()
+
+
+def test_a_site_declines_the_round_that_would_exceed_its_budget_and_spends_nothing(flower_task, tmp_path):
+    # Prepare: a deployed site with a fixed sigma and its own budget, set between the epsilon
+    # the calculator predicts after round 2 and after round 3
+    site_file(tmp_path / "site.npz", 96)
+    config = load_config(None, ["training.batch-size=32", "training.local-epochs=1", "privacy.noise-multiplier=1.0"])
+    (plan,) = plan_sites([96], batch_size=32, local_epochs=1, rounds=4, target_epsilon=8.0, delta=1e-5,
+                         noise_multiplier=1.0)
+    budget = (plan["epsilon_by_round"][1] + plan["epsilon_by_round"][2]) / 2
+    assert rounds_within(plan["epsilon_by_round"], budget) == 2
+    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path / "site.npz"),
+                                                    "state-dir": str(tmp_path / "state"), "max-epsilon": budget},
+                  state=RecordDict(), run_config=config.to_flat())
+    model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
+    # Execute: rounds 1 and 2 train, round 3 would exceed the budget
+    replies = [app(message("train", model, tmp_path, server_round=r), ctx) for r in (1, 2, 3)]
+    # Assert
+    trained, declined = replies[1].content["metrics"], replies[2].content["metrics"]
+    assert (trained["declined"], declined["declined"]) == (0, 1)
+    assert trained["epsilon"] == pytest.approx(plan["epsilon_by_round"][1], rel=1e-9)
+    assert declined["epsilon"] == trained["epsilon"] <= budget  # nothing spent in round 3
+    assert declined["budget"] == budget and declined["rounds-trained"] == 2
+    sent = model.state_dict()
+    back = replies[2].content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(sent[k], back[k]) for k in sent)  # a zero update
+    assert "would reach" in replies[2].content["status"]["declined"]
+    ledger = Ledger.open(tmp_path / "state", site=0)
+    assert [e.round for e in ledger.entries] == [1, 2] and ledger.epsilon() <= budget

@@ -55,12 +55,15 @@ def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows
     for site in ("0", "1", "2"):
         eps = {int(r["round"]): float(r["epsilon"]) for r in rows if r["site"] == site}
         assert 0 < eps[1] < eps[2] <= 8.0 * 1.001  # cumulative, within the budget
+    assert 0 <= results["audit"]["auc"] <= 1 and results["audit"]["members"] == results["audit"]["nonmembers"] > 0
+    assert "membership inference (loss threshold)" in proc.stdout  # the audit, on by default
+    assert "Empirical audit" in (run / "report.md").read_text()
     for name in ("config.toml", "report.md", "central_metrics.png", "epsilon_per_site.png",
-                 "label_distribution.png", "site_samples.png"):
+                 "label_distribution.png", "site_samples.png", "audit.json", "audit_roc.png"):
         assert (run / name).stat().st_size > 0, name
     model = fedclinic.load_model(run / "global_model.pt")
     assert not model.training
-    assert "round" in proc.stdout and "max eps" in proc.stdout  # the final table
+    assert "round" in proc.stdout and "rec eps" in proc.stdout  # the final table
     assert processes_started_for(run) == []
 
 
@@ -126,3 +129,47 @@ def test_a_users_npz_without_boxes_is_split_among_sites_and_iou_is_not_applicabl
     assert sum(s["n"] for s in results["sites"]) == 540  # 600 train images, 10% kept for validation
     assert "n/a" in (tmp_path / "npz" / "report.md").read_text()
     assert fedclinic.load_model(tmp_path / "npz" / "global_model.pt").arch["in_channels"] == 3
+
+
+def budget_plan(capsys, *args: str) -> list[dict]:
+    from fedclinic.cli import main
+
+    assert main(["budget", "--plan", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)["sites"]
+
+
+@pytest.mark.slow
+def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_has_its_own_epsilon(tmp_path, capsys):
+    # Prepare: a fixed sigma, record-level DP at the sites and site-level DP on the server;
+    # site 1 agrees to a budget between the epsilon it spends in one round and in two
+    from fedclinic.privacy.accounting import epsilon
+
+    common = ["--sites", "3", "--rounds", "3", "--set", "privacy.mode=both", "--set", "privacy.noise-multiplier=1.5",
+              "--set", "federation.min-sites=1", *SMALL]
+    eps = budget_plan(capsys, *common)[1]["epsilon_by_round"]
+    budget = round((eps[0] + eps[1]) / 2, 3)
+    common += ["--set", f'privacy.site-budgets="1={budget}"']
+    predicted = budget_plan(capsys, *common)
+    assert [site["rounds_within_budget"] for site in predicted] == [3, 1, 3]
+    # Execute
+    proc = simulate(*common, "--out", str(tmp_path), "--name", "budget")
+    # Assert: site 1 declined round 2 and spent exactly its first round, the others went on
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "budget"
+    results = json.loads((run / "results.json").read_text())
+    sites = {s["site"]: s for s in results["sites"]}
+    assert (sites[1]["stopped_in_round"], sites[1]["rounds_trained"]) == (2, 1)
+    assert sites[1]["epsilon"] == pytest.approx(eps[0], rel=1e-6) and sites[1]["epsilon"] <= budget
+    assert [sites[k]["rounds_trained"] for k in (0, 2)] == [3, 3] and results["stop_reason"] is None
+    assert "site 1 stopped before round 2" in proc.stdout
+    from fedclinic.cli import main
+
+    assert main(["ledger", "show", str(run / "sites" / "site-1"), "--json"]) == 0
+    ledger = json.loads(capsys.readouterr().out)
+    assert [r["round"] for r in ledger["rounds"]] == [1] and ledger["epsilon"] <= budget
+    # the site-level epsilon: three Gaussian releases at noise 1.0, no amplification claimed;
+    # checked against Opacus's RDP accountant (Flower's own uses Google's dp-accounting)
+    central = results["privacy"]["central"]
+    assert central["epsilon"] == pytest.approx(epsilon([(1.0, 1.0, 3)], delta=1e-3), rel=0.02)
+    report = (run / "report.md").read_text()
+    assert "Record-level DP" in report and "Site-level DP" in report and "declined round 2" in report

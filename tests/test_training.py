@@ -29,7 +29,7 @@ def test_dp_rounds_spend_the_planned_budget_and_persist_it(tmp_path):
     spent = []
     # Execute: all three planned rounds
     for r in (1, 2, 3):
-        state, metrics = train_round(config, site, state, server_round=r)
+        state, metrics, _ = train_round(config, site, state, server_round=r)
         spent.append(metrics["epsilon"])
     # Assert: epsilon is cumulative, reaches the target at the last planned round, and is on disk
     ledger = Ledger.open(tmp_path / "site-1", site=1)
@@ -47,7 +47,7 @@ def test_dp_training_changes_the_model_and_returns_plain_keys(tmp_path):
     config = load_config(None, SMALL)
     site = Site(index=0, count=2, state_dir=None)
     before = initial_state(config, site)
-    after, _ = train_round(config, site, before, server_round=1)
+    after, _, _ = train_round(config, site, before, server_round=1)
     assert after.keys() == before.keys()  # no Opacus "_module." prefix reaches the server
     assert any(not torch.equal(after[k], before[k]) for k in before)
 
@@ -62,7 +62,7 @@ def test_the_non_private_baseline_uses_no_opacus_and_reports_no_epsilon():
     assert result.noise_multiplier == 0.0 and result.sample_rate == 1.0
     if not already_loaded:
         assert "opacus.privacy_engine" not in sys.modules
-    _, metrics = train_round(config, Site(0, 2, None), model.state_dict(), server_round=1)
+    _, metrics, _ = train_round(config, Site(0, 2, None), model.state_dict(), server_round=1)
     assert metrics["epsilon"] == 0.0 and metrics["sigma"] == 0.0
 
 
@@ -72,7 +72,7 @@ def test_non_private_local_training_learns_the_site_task():
     site = Site(index=0, count=1, state_dir=None)
     state = initial_state(config, site)
     before = evaluate_round(config, site, state)
-    state, _ = train_round(config, site, state, server_round=1)
+    state, _, _ = train_round(config, site, state, server_round=1)
     after = evaluate_round(config, site, state)
     assert after["accuracy"] > before["accuracy"] + 0.2
     assert after["loss"] < before["loss"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedclinic.clients.site import Site, evaluate_round, train_round
@@ -20,13 +20,15 @@ def _site(msg: Message, context: Context) -> Site:
     """Who this site is, from its node config.
 
     Simulation sets partition-id / num-partitions. A deployed SuperNode is
-    started with --node-config "data-path='site.npz' state-dir='...'" and reads
-    only its own file; its ledger lives in its state-dir.
+    started with --node-config "data-path='site.npz' state-dir='...' max-epsilon=3"
+    and reads only its own file; its ledger lives in its state-dir, and
+    max-epsilon (optional) is its own record-level budget.
     """
     node = context.node_config
     index, count = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
     data_path = node.get("data-path")
     state_dir = node.get("state-dir")
+    max_epsilon = node.get("max-epsilon")
     run_dir = msg.content["config"].get("run-dir")
     if state_dir is None and run_dir:
         state_dir = Path(str(run_dir)) / "sites" / f"site-{index}"
@@ -35,6 +37,7 @@ def _site(msg: Message, context: Context) -> Site:
         count=count,
         state_dir=None if state_dir is None else Path(str(state_dir)),
         data_path=None if data_path is None else Path(str(data_path)),
+        max_epsilon=None if max_epsilon is None else float(max_epsilon),
     )
 
 
@@ -43,8 +46,10 @@ def train(msg: Message, context: Context) -> Message:
     config = from_run_config(context.run_config)
     state_dict = msg.content["arrays"].to_torch_state_dict()
     server_round = int(msg.content["config"]["server-round"])
-    new_state, metrics = train_round(config, _site(msg, context), state_dict, server_round=server_round)
+    new_state, metrics, declined = train_round(config, _site(msg, context), state_dict, server_round=server_round)
     content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+    if declined:
+        content["status"] = ConfigRecord({"declined": declined})
     return Message(content=content, reply_to=msg)
 
 

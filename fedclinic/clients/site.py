@@ -25,6 +25,11 @@ class Site:
     count: int  # num-partitions in simulation
     state_dir: Path | None  # where the site's ledger lives; None keeps it in memory
     data_path: Path | None = None  # a deployed site's own .npz file; None = its simulated partition
+    max_epsilon: float | None = None  # a deployed site's own budget; None = privacy.site-budgets / target-epsilon
+
+    def budget(self, config: Config) -> float:
+        """The record-level epsilon this site will never exceed."""
+        return self.max_epsilon if self.max_epsilon is not None else config.privacy.budget(self.index)
 
     def data(self, config: Config) -> tuple[ImageSet, ImageSet]:
         """(train, val): the site's own file when it has one, else its share of the simulated data."""
@@ -40,11 +45,20 @@ def build_model(config: Config, data: ImageSet, state_dict: dict[str, torch.Tens
     return model
 
 
-def train_round(config: Config, site: Site, state_dict: dict, *, server_round: int) -> tuple[dict, dict]:
-    """One round of local training; returns (new state dict, metrics for the server)."""
+def train_round(config: Config, site: Site, state_dict: dict, *, server_round: int) -> tuple[dict, dict, str]:
+    """One round of local training: (new state dict, metrics for the server, reason if it declined).
+
+    With record-level DP the site first checks its ledger: if this round would
+    take its epsilon past its budget, it declines, spends nothing, and returns
+    the model it was sent unchanged (a zero update) with `declined` = 1.
+    """
+    with Ledger.locked(site.state_dir, site=site.index) as ledger:
+        return _train_round(config, site, ledger, state_dict, server_round)
+
+
+def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, server_round: int):
     train, _ = site.data(config)
-    model = build_model(config, train, state_dict)
-    ledger = Ledger.open(site.state_dir, site=site.index)
+    budget = site.budget(config)
     sigma = 0.0
     if config.privacy.local:
         if ledger.plan is None:  # calibrated once, before the first round, for all planned rounds
@@ -55,9 +69,21 @@ def train_round(config: Config, site: Site, state_dict: dict, *, server_round: i
                     local_epochs=config.training.local_epochs,
                     rounds=config.federation.rounds,
                     privacy=config.privacy,
+                    budget=budget,
                 )
             )
         sigma = ledger.plan.noise_multiplier
+        # the budget agreed when the plan was made binds too: a restart with a larger one cannot raise it
+        budget = min(budget, ledger.plan.target_epsilon)
+        after = ledger.epsilon_after_round()
+        if after > budget:
+            reason = (
+                f"site {site.index} declines round {server_round}: its epsilon would reach {after:.3f}, "
+                f"past its budget of {budget:g} (spent so far {ledger.epsilon():.3f} in {ledger.rounds_trained} rounds)"
+            )
+            metrics = _round_metrics(config, site, ledger, budget, num_examples=len(train), declined=True)
+            return state_dict, metrics, reason
+    model = build_model(config, train, state_dict)
     result = train_locally(
         model,
         train,
@@ -69,20 +95,33 @@ def train_round(config: Config, site: Site, state_dict: dict, *, server_round: i
     )
     if config.privacy.local:
         ledger.record(round=server_round, noise_multiplier=sigma, sample_rate=result.sample_rate, steps=result.steps)
-    metrics = {
-        "num-examples": result.num_examples,
-        "site": site.index,
-        "train-loss": result.loss,
-        "train-seconds": result.seconds,
-        "steps": result.steps,
-        "sigma": result.noise_multiplier,
-        "sample-rate": result.sample_rate,
-        "epsilon": ledger.epsilon(),
-        "delta": config.privacy.delta if config.privacy.local else 0.0,
-        "rounds-trained": ledger.rounds_trained if config.privacy.local else server_round,
-    }
+    metrics = _round_metrics(config, site, ledger, budget, num_examples=result.num_examples, declined=False)
+    metrics.update({"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,
+                    "sigma": result.noise_multiplier, "sample-rate": result.sample_rate,
+                    "rounds-trained": ledger.rounds_trained if config.privacy.local else server_round})
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return state, metrics
+    return state, metrics, ""
+
+
+def _round_metrics(config: Config, site: Site, ledger: Ledger, budget: float, *, num_examples: int,
+                   declined: bool) -> dict:
+    """The metrics every train reply carries (Flower's FedAvg needs the same keys in every reply)."""
+    local = config.privacy.local
+    return {
+        "num-examples": num_examples,
+        "site-weight": 1.0,  # FedAvg weight under central DP, where every site counts once
+        "site": site.index,
+        "declined": int(declined),
+        "train-loss": 0.0,
+        "train-seconds": 0.0,
+        "steps": 0,
+        "sigma": ledger.plan.noise_multiplier if local and ledger.plan else 0.0,
+        "sample-rate": ledger.plan.sample_rate if local and ledger.plan else 0.0,
+        "epsilon": ledger.epsilon(),
+        "budget": budget if local else 0.0,
+        "delta": config.privacy.delta if local else 0.0,
+        "rounds-trained": ledger.rounds_trained,
+    }
 
 
 def evaluate_round(config: Config, site: Site, state_dict: dict) -> dict:

@@ -110,8 +110,21 @@ def site_total_size(cfg: DataConfig, site: int) -> int:
 
 def generate_site(cfg: DataConfig, site: int) -> ImageSet:
     """All scans of `site` (train and validation together), identical on every call."""
-    rng = stream(cfg.seed, "images", site)
-    labels = rng.choice(len(CLASS_NAMES), size=site_total_size(cfg, site), p=site_prevalence(cfg, site))
+    return _site_scans(cfg, site, stream(cfg.seed, "images", site), site_total_size(cfg, site))
+
+
+def generate_fresh_site_scans(cfg: DataConfig, site: int, n: int) -> ImageSet:
+    """n more scans from `site`'s distribution (its scanner and prevalence), none of them its own.
+
+    They come from a stream of their own, so they are never among the site's
+    train or validation scans: unseen data from the site, as a membership
+    audit needs.
+    """
+    return _site_scans(cfg, site, stream(cfg.seed, "fresh images", site), n)
+
+
+def _site_scans(cfg: DataConfig, site: int, rng: np.random.Generator, n: int) -> ImageSet:
+    labels = rng.choice(len(CLASS_NAMES), size=n, p=site_prevalence(cfg, site))
     scenes = draw_scenes(rng, labels, cfg.image_size)
     images, boxes = render(scenes, scan_profiles(site_profile(cfg, site), rng, len(labels)), rng)
     return ImageSet(images, labels.astype(np.int64), boxes, CLASS_NAMES)

@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -78,6 +80,40 @@ def balanced_accuracy(pred_labels, labels, num_classes: int) -> float:
     return float(np.mean(np.diag(counts)[present] / per_class[present]))
 
 
+def batches(
+    data: ImageSet, *, batch_size: int, device: str | torch.device
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """(images scaled to [0, 1], labels, true boxes or None) on `device`, batch by batch, in order."""
+    if data.images.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (pixels 0..255), got {data.images.dtype}")
+    # a plain function around the generator: the check runs at the call, not at the first batch
+    return _batches(data, batch_size, device)
+
+
+def _batches(
+    data: ImageSet, batch_size: int, device: str | torch.device
+) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    for start in range(0, len(data), batch_size):
+        stop = min(start + batch_size, len(data))
+        # Batch by batch: the whole set as float32 would take 4x its uint8 memory.
+        images = torch.from_numpy(data.images[start:stop]).to(device).float() / 255.0
+        labels = torch.from_numpy(data.labels[start:stop]).to(device)
+        true_boxes = None if data.boxes is None else torch.from_numpy(data.boxes[start:stop]).to(device)
+        yield images, labels, true_boxes
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no autograd inside the block; the model's train/eval mode is restored after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model: nn.Module,
     data: ImageSet,
@@ -94,34 +130,23 @@ def evaluate(
     lesion. With no images at all, every metric is NaN and n is 0. The
     model's train/eval mode is left as it was.
     """
-    if data.images.dtype != np.uint8:
-        raise ValueError(f"evaluate expects uint8 images (pixels 0..255), got {data.images.dtype}")
+    data_batches = batches(data, batch_size=batch_size, device=device)  # refuses non-uint8 images, even none
     n = len(data)
     if n == 0:
         return {"loss": math.nan, "accuracy": math.nan, "f1": math.nan, "iou": math.nan, "n": 0}
 
-    was_training = model.training
-    model.eval()
     loss_sum = 0.0
     pred_labels, ious = [], []
-    try:
-        with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                stop = min(start + batch_size, n)
-                # Batch by batch: the whole set as float32 would take 4x its uint8 memory.
-                images = torch.from_numpy(data.images[start:stop]).to(device).float() / 255.0
-                labels = torch.from_numpy(data.labels[start:stop]).to(device)
-                true_boxes = None if data.boxes is None else torch.from_numpy(data.boxes[start:stop]).to(device)
-                logits, pred_boxes = model(images)
-                loss, _ = multitask_loss(logits, pred_boxes, labels, true_boxes, box_weight=box_weight)
-                # the loss is a batch mean; weight by batch size for the mean over all images
-                loss_sum += loss.item() * (stop - start)
-                pred_labels.append(logits.argmax(dim=1).cpu())
-                if true_boxes is not None:
-                    has_box = torch.isfinite(true_boxes).all(dim=1)
-                    ious.append(box_iou(pred_boxes[has_box].cpu(), true_boxes[has_box].cpu()))
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for images, labels, true_boxes in data_batches:
+            logits, pred_boxes = model(images)
+            loss, _ = multitask_loss(logits, pred_boxes, labels, true_boxes, box_weight=box_weight)
+            # the loss is a batch mean; weight by batch size for the mean over all images
+            loss_sum += loss.item() * len(labels)
+            pred_labels.append(logits.argmax(dim=1).cpu())
+            if true_boxes is not None:
+                has_box = torch.isfinite(true_boxes).all(dim=1)
+                ious.append(box_iou(pred_boxes[has_box].cpu(), true_boxes[has_box].cpu()))
 
     pred = torch.cat(pred_labels).numpy()
     lesion_ious = torch.cat(ious) if ious else torch.empty(0)

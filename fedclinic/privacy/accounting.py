@@ -91,11 +91,15 @@ def plan_site(
     target_epsilon: float,
     delta: float,
     accountant: str = "rdp",
+    noise_multiplier: float = 0.0,
 ) -> tuple[float, float, int]:
-    """(noise_multiplier, sample_rate, steps_per_round) for a site that trains every round."""
+    """(noise_multiplier, sample_rate, steps_per_round) for a site that trains every round.
+
+    Sigma is calibrated to the target unless a fixed `noise_multiplier` > 0 is given.
+    """
     q = sample_rate(num_examples=num_examples, batch_size=batch_size)
     per_round = local_epochs * steps_per_epoch(num_examples=num_examples, batch_size=batch_size)
-    sigma = calibrate_noise(
+    sigma = noise_multiplier or calibrate_noise(
         target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=rounds * per_round, accountant=accountant
     )
     return sigma, q, per_round
@@ -110,15 +114,27 @@ def plan_sites(
     target_epsilon: float,
     delta: float,
     accountant: str = "rdp",
+    noise_multiplier: float = 0.0,
+    budgets: dict[int, float] | None = None,
 ) -> list[dict]:
-    """Per site: q, steps per round, the calibrated sigma, and epsilon after each round."""
+    """Per site: q, steps per round, sigma, and epsilon after each round.
+
+    A site in `budgets` calibrates to its own epsilon instead of `target_epsilon`.
+    """
     rows = []
     for site, n in enumerate(sizes):
+        budget = (budgets or {}).get(site, target_epsilon)
         sigma, q, per_round = plan_site(
             num_examples=n, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
-            target_epsilon=target_epsilon, delta=delta, accountant=accountant,
+            target_epsilon=budget, delta=delta, accountant=accountant, noise_multiplier=noise_multiplier,
         )
         by_round = [epsilon([(sigma, q, r * per_round)], delta=delta, accountant=accountant) for r in range(1, rounds + 1)]
         rows.append({"site": site, "n": n, "sample_rate": q, "steps_per_round": per_round,
-                     "noise_multiplier": sigma, "epsilon_by_round": by_round})
+                     "noise_multiplier": sigma, "epsilon_by_round": by_round, "budget": budget,
+                     "rounds_within_budget": rounds_within(by_round, budget)})
     return rows
+
+
+def rounds_within(epsilon_by_round: list[float], budget: float) -> int:
+    """How many rounds a site trains before its next round would exceed `budget` (the hard stop)."""
+    return next((r for r, eps in enumerate(epsilon_by_round) if eps > budget), len(epsilon_by_round))

@@ -3,23 +3,34 @@
 The ledger is a history, and epsilon is a pure function over it
 (fedclinic.privacy.accounting), so a restarted site still knows what it has
 spent. Writes are atomic: a new file is written beside the old one and moved
-over it, so a crash leaves either the old or the new ledger, never half.
+over it, so a crash leaves either the old or the new ledger, never half. A
+site holds an exclusive lock on its ledger for a whole round (`Ledger.locked`),
+so a second process pointed at the same state directory is refused instead of
+spending the same budget twice.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from fedclinic.config import PrivacyConfig
 from fedclinic.privacy.accounting import Release, epsilon, plan_site
 
 FORMAT = "fedclinic-ledger/1"
 FILENAME = "ledger.json"
+LOCKNAME = "ledger.lock"
+
+
+class LedgerError(ValueError):
+    """A ledger that cannot be used: unreadable, another site's, or in use."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,23 @@ class Ledger:
             return 0.0
         return epsilon(self.history, delta=self.plan.delta, accountant=self.plan.accountant)
 
+    def spending(self) -> dict:
+        """What the site has spent: its plan, and each release with the cumulative epsilon after it."""
+        plan = self.plan
+        delta, accountant = (plan.delta, plan.accountant) if plan else (None, None)
+        rounds = [
+            {**asdict(e), "epsilon": epsilon(self.history[: i + 1], delta=delta, accountant=accountant)}
+            for i, e in enumerate(self.entries)
+        ]
+        return {"site": self.site, "plan": None if plan is None else asdict(plan), "delta": delta,
+                "accountant": accountant, "epsilon": self.epsilon(), "rounds": rounds}
+
+    def epsilon_after_round(self) -> float:
+        """Epsilon the site would have spent after one more round of its plan."""
+        plan = self.plan
+        step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        return epsilon(self.history + [step], delta=plan.delta, accountant=plan.accountant)
+
     def set_plan(self, plan: Plan) -> None:
         self.plan = plan
         self.save()
@@ -87,19 +115,25 @@ class Ledger:
             "entries": [asdict(e) for e in self.entries],
         }
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(payload, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)  # the old ledger is untouched
+            raise
 
     @classmethod
-    def open(cls, state_dir: str | Path | None, *, site: int) -> "Ledger":
-        """The site's ledger in `state_dir` (created if absent), or an in-memory one."""
+    def open(cls, state_dir: str | Path | None, *, site: int | None) -> "Ledger":
+        """The ledger in `state_dir` (new if absent, in memory if None); `site` None reads any site's."""
         if state_dir is None:
-            return cls(site=site)
+            return cls(site=site or 0)
         path = Path(state_dir) / FILENAME
         if not path.exists():
+            if site is None:
+                raise LedgerError(f"{state_dir} holds no privacy ledger ({FILENAME})")
             return cls(site=site, path=path)
         try:
             payload = json.loads(path.read_text())
@@ -108,21 +142,46 @@ class Ledger:
             plan = None if payload["plan"] is None else Plan(**payload["plan"])
             entries = [Entry(**e) for e in payload["entries"]]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path} is not a readable fedclinic privacy ledger; refusing to reset it") from None
-        if payload["site"] != site:
-            raise ValueError(f"{path} belongs to site {payload['site']}, not site {site}")
-        return cls(site=site, plan=plan, entries=entries, path=path)
+            raise LedgerError(f"{path} is not a readable fedclinic privacy ledger; refusing to reset it") from None
+        if site is not None and payload["site"] != site:
+            raise LedgerError(f"{path} belongs to site {payload['site']}, not site {site}")
+        return cls(site=payload["site"], plan=plan, entries=entries, path=path)
+
+    @classmethod
+    @contextmanager
+    def locked(cls, state_dir: str | Path | None, *, site: int) -> Iterator["Ledger"]:
+        """The site's ledger, held exclusively until the block ends (a round)."""
+        if state_dir is None:
+            yield cls(site=site)
+            return
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        lock_path = Path(state_dir) / LOCKNAME
+        with open(lock_path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LedgerError(
+                    f"the privacy ledger in {state_dir} is in use by another process; "
+                    "two processes must not train the same site"
+                ) from None
+            try:
+                yield cls.open(state_dir, site=site)  # read under the lock: the latest history
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def make_plan(*, num_examples: int, batch_size: int, local_epochs: int, rounds: int, privacy: PrivacyConfig) -> Plan:
-    """The site's sigma for its target (epsilon, delta) over all planned rounds."""
+def make_plan(
+    *, num_examples: int, batch_size: int, local_epochs: int, rounds: int, privacy: PrivacyConfig, budget: float
+) -> Plan:
+    """The site's sigma for its budget (epsilon, delta) over all planned rounds, or the fixed sigma."""
     sigma, q, per_round = plan_site(
         num_examples=num_examples,
         batch_size=batch_size,
         local_epochs=local_epochs,
         rounds=rounds,
-        target_epsilon=privacy.target_epsilon,
+        target_epsilon=budget,
         delta=privacy.delta,
         accountant=privacy.accountant,
+        noise_multiplier=privacy.noise_multiplier,
     )
-    return Plan(sigma, q, per_round, rounds, privacy.target_epsilon, privacy.delta, privacy.accountant)
+    return Plan(sigma, q, per_round, rounds, budget, privacy.delta, privacy.accountant)

@@ -19,7 +19,7 @@ from fedclinic.data import server_test_set, site_sizes
 from fedclinic.evaluation import evaluate
 from fedclinic.model import MultiTaskNet
 from fedclinic.report import RunRecorder, run_directory
-from fedclinic.strategies.fedavg import SiteFedAvg
+from fedclinic.strategies.fedavg import FederationStopped, build_strategy
 
 app = ServerApp()
 
@@ -56,30 +56,36 @@ def main(grid: Grid, context: Context) -> None:
     model = MultiTaskNet(in_channels=test_set.channels, num_classes=test_set.num_classes, width=config.model.width)
     device = resolve_device(config.training.device)
     model.to(device)
-    strategy = SiteFedAvg(
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=min(fed.min_sites, fed.sites),
-        min_evaluate_nodes=min(fed.min_sites, fed.sites) if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=min(fed.min_sites, fed.sites),
-    )
+    strategy = build_strategy(config, sites=nodes, rounds=fed.rounds)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         t0 = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
         scores = evaluate(model, test_set, box_weight=config.model.box_weight, device=device)
         scores["seconds"] = time.perf_counter() - t0
-        line = recorder.central_round(server_round, scores, strategy.site_metrics)
+        line = recorder.central_round(server_round, scores, strategy.site_metrics, strategy.central_epsilon())
         log(INFO, "%s", line)
         return MetricRecord({k: float(v) for k, v in scores.items()})
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=fed.rounds,
-        train_config=ConfigRecord({"run-dir": str(run_dir.resolve())}),
-        evaluate_fn=central_evaluation,
+    initial = ArrayRecord(model.state_dict())
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=fed.rounds,
+            train_config=ConfigRecord({"run-dir": str(run_dir.resolve())}),
+            evaluate_fn=central_evaluation,
+        )
+        final = result.arrays if len(result.arrays) else initial  # empty when no site ever trained
+    except FederationStopped as stopped:
+        final = stopped.arrays
+    model.load_state_dict(final.to_torch_state_dict())
+    recorder.finish(
+        model,
+        test_set.class_names,
+        strategy.site_metrics,
+        strategy_seconds=time.time() - started,
+        stop_reason=strategy.stop_reason,
+        central_epsilon=strategy.central_epsilon(),
     )
-    model.load_state_dict(result.arrays.to_torch_state_dict())
-    recorder.finish(model, test_set.class_names, strategy.site_metrics, strategy_seconds=time.time() - started)
     log(INFO, "fedclinic: run written to %s", run_dir)

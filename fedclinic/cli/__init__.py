@@ -1,0 +1,47 @@
+"""The `fedclinic` command.
+
+    fedclinic simulate                                   # 5 synthetic sites, DP on (eps = 8 per site)
+    fedclinic simulate --sites 8 --rounds 6 --set privacy.target-epsilon=3
+    fedclinic simulate --data my.npz --set data.partitioner=iid
+    fedclinic sweep --epsilons 1,3,8 --noise-multipliers 0.5,1.0   # accuracy and IoU against epsilon
+    fedclinic budget --plan --set privacy.target-epsilon=3          # sigma and epsilon per site and round
+    fedclinic ledger show runs/NAME/sites/site-0                    # what a site has spent
+    fedclinic audit runs/NAME                                       # membership inference on the global model
+
+run.py holds the commands that run federations, privacy.py the privacy
+commands, options.py what simulate and sweep share.
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fedclinic.cli.privacy import audit_parser, budget_parser, ledger_parser, audit, budget, ledger
+from fedclinic.cli.run import simulate_parser, sweep_parser, simulate, sweep
+from fedclinic.config import ConfigError
+from fedclinic.data import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedclinic", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    simulate_parser(sub)
+    budget_parser(sub)
+    sweep_parser(sub)
+    ledger_parser(sub)
+    audit_parser(sub)
+    args = parser.parse_args(argv)
+    from fedclinic.privacy.audit import AuditError
+    from fedclinic.privacy.ledger import LedgerError
+    from fedclinic.simulation import SimulationError
+
+    try:
+        return {"simulate": simulate, "budget": budget, "sweep": sweep, "ledger": ledger, "audit": audit}[args.command](args)
+    except (ConfigError, DataError, SimulationError, LedgerError, AuditError) as err:
+        print(f"fedclinic: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedclinic: interrupted; every process it started has been stopped", file=sys.stderr)
+        return 130

@@ -1,0 +1,7 @@
+"""python -m fedclinic.cli ..."""
+
+import sys
+
+from fedclinic.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""What `simulate` and `sweep` share: the options of a run, how they resolve to a Config, the checks before it starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace as dc_replace
+from pathlib import Path
+from typing import Callable
+
+from fedclinic.config import Config, ConfigError, check_sites, load_config
+
+
+def add_run_options(p: argparse.ArgumentParser, *, name_help: str) -> None:
+    """The options of a run's configuration, shared by simulate and sweep (read back by `resolve`)."""
+    p.add_argument("--config", metavar="FILE", help="TOML file of settings (same keys as --set)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], help="override one setting, e.g. privacy.target-epsilon=3")
+    p.add_argument("--sites", type=int, help="number of hospital sites (federation.sites)")
+    p.add_argument("--rounds", type=int, help="number of federated rounds (federation.rounds)")
+    p.add_argument("--data", metavar="FILE.npz", help="MedMNIST-style .npz file instead of synthetic sites (data.path)")
+    p.add_argument("--out", metavar="DIR", help="folder for run directories (output.dir, default runs)")
+    p.add_argument("--name", help=name_help)
+    p.add_argument("--quiet", action="store_true", help="no progress lines, only the final table")
+
+
+def resolve(args: argparse.Namespace, *, default_name: str | None = None) -> Config:
+    """Defaults -> --config -> --set -> the shortcut flags; paths made absolute.
+
+    An unnamed run is named `default_name`, or else by the time it starts.
+    """
+    overrides = list(args.set)
+    for flag, key in (("sites", "federation.sites"), ("rounds", "federation.rounds"), ("data", "data.path"),
+                      ("out", "output.dir"), ("name", "output.name")):
+        value = getattr(args, flag, None)  # budget --plan has no --out / --name
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if getattr(args, "quiet", False):
+        overrides.append("output.quiet=true")
+    config = load_config(args.config, overrides)
+    name = config.output.name or default_name or time.strftime("%Y%m%d-%H%M%S")
+    data_path = str(Path(config.data.path).resolve()) if config.data.path else ""
+    return dc_replace(
+        config,
+        data=dc_replace(config.data, path=data_path),
+        output=dc_replace(config.output, dir=str(Path(config.output.dir).resolve()), name=name),
+    )
+
+
+def check_budget(config: Config, smallest_site: int) -> None:
+    """Refuse a privacy target no noise level can meet, before any site starts."""
+    if not config.privacy.local or config.privacy.noise_multiplier:
+        return  # a fixed sigma needs no calibration; the sites' hard stop enforces the budget
+    from fedclinic.privacy.accounting import reachable, sample_rate, steps_per_epoch
+
+    t, p = config.training, config.privacy
+    target = min([p.target_epsilon, *p.budgets().values()])
+    # the smallest site samples at the highest rate: if it can meet the target, every site can
+    q = sample_rate(num_examples=smallest_site, batch_size=t.batch_size)
+    steps = config.federation.rounds * t.local_epochs * steps_per_epoch(num_examples=smallest_site, batch_size=t.batch_size)
+    if not reachable(target_epsilon=target, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant):
+        raise ConfigError(
+            f"no noise level reaches epsilon={target} at delta={p.delta} for the smallest site "
+            f"({smallest_site} images, sample rate {q:.4g}, {steps} steps); raise privacy.target-epsilon"
+        )
+
+
+def describe_privacy(config: Config) -> str:
+    p = config.privacy
+    parts = []
+    if p.local:
+        parts.append(f"record-level DP-SGD budget eps={p.target_epsilon:g}, delta={p.delta:g} per site")
+    if p.central:
+        parts.append(f"site-level central DP (noise {p.central_noise_multiplier:g}, clip {p.central_clipping_norm:g})")
+    return " + ".join(parts) or "privacy OFF (non-private baseline)"
+
+
+def check_config(config: Config) -> None:
+    """Refuse what the sites' actual sizes or the privacy budget make impossible, before anything runs."""
+    from fedclinic.data import site_sizes
+
+    sizes = site_sizes(config.data, config.federation.sites)
+    check_sites(config, sizes)
+    check_budget(config, min(sizes))
+
+
+def progress_printer(config: Config) -> Callable[[str], None]:
+    return (lambda *a: None) if config.output.quiet else (lambda *a: print(*a, flush=True))

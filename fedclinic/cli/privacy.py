@@ -1,0 +1,192 @@
+"""The privacy commands: `fedclinic budget` (the calculator), `fedclinic ledger show`, `fedclinic audit`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from fedclinic.cli.options import resolve
+from fedclinic.config import ConfigError, check_sites
+
+
+def budget_parser(sub) -> None:
+    p = sub.add_parser(
+        "budget",
+        help="privacy budget calculator: epsilon, the noise for a target epsilon, or a per-site plan",
+        description="epsilon of DP-SGD (--noise-multiplier), the noise multiplier for a target (--target-epsilon), "
+        "or with --plan a per-site table for a simulate configuration (same options as simulate).",
+    )
+    p.add_argument("--sample-rate", type=float, metavar="Q", help="Poisson sampling rate q = batch size / examples")
+    p.add_argument("--noise-multiplier", type=float, metavar="S", help="sigma: print the epsilon it gives")
+    p.add_argument("--target-epsilon", type=float, metavar="E", help="print the sigma that meets this epsilon")
+    p.add_argument("--steps", type=int, metavar="T", help="optimizer steps over the whole training")
+    p.add_argument("--delta", type=float, metavar="D", default=1e-5, help="delta (default 1e-5)")
+    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.add_argument("--plan", action="store_true", help="a table per site for the configuration given by the options below")
+    p.add_argument("--site-sizes", metavar="N,N,...", help="training images of each site (instead of the configured data)")
+    p.add_argument("--config", metavar="FILE")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[])
+    p.add_argument("--sites", type=int)
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--data", metavar="FILE.npz")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+
+
+def budget(args: argparse.Namespace) -> int:
+    from fedclinic.privacy.accounting import calibrate_noise, epsilon, plan_sites
+
+    if args.plan:
+        return _budget_plan(args, plan_sites)
+    if args.sample_rate is None or args.steps is None:
+        raise ConfigError("budget needs --sample-rate and --steps (or --plan)")
+    if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        raise ConfigError("budget needs exactly one of --noise-multiplier (to get epsilon) or --target-epsilon (to get sigma)")
+    q, steps, delta = args.sample_rate, args.steps, args.delta
+    for ok, message in ((0 < q <= 1, f"--sample-rate must be in (0, 1], got {q}"),
+                        (steps >= 1, f"--steps must be at least 1, got {steps}"),
+                        (0 < delta < 1, f"--delta must be in (0, 1), got {delta}")):
+        if not ok:
+            raise ConfigError(message)
+    out = {"sample_rate": q, "steps": steps, "delta": delta, "accountant": args.accountant}
+    if args.noise_multiplier is not None:
+        if args.noise_multiplier <= 0:
+            raise ConfigError(f"--noise-multiplier must be > 0, got {args.noise_multiplier}")
+        out["noise_multiplier"] = args.noise_multiplier
+        out["epsilon"] = epsilon([(args.noise_multiplier, q, steps)], delta=delta, accountant=args.accountant)
+    else:
+        if args.target_epsilon <= 0:
+            raise ConfigError(f"--target-epsilon must be > 0, got {args.target_epsilon}")
+        try:
+            sigma = calibrate_noise(target_epsilon=args.target_epsilon, delta=delta, sample_rate=q, steps=steps,
+                                    accountant=args.accountant)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        out["noise_multiplier"] = sigma
+        out["epsilon"] = epsilon([(sigma, q, steps)], delta=delta, accountant=args.accountant)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"epsilon = {out['epsilon']:.4f} at delta = {delta:g} ({args.accountant.upper()}), "
+              f"sigma = {out['noise_multiplier']:.4f}, q = {q:g}, {steps} steps")
+    return 0
+
+
+def _budget_plan(args: argparse.Namespace, plan_sites) -> int:
+    from fedclinic.data import site_sizes
+
+    config = resolve(args)
+    if args.site_sizes:
+        try:
+            sizes = [int(n) for n in args.site_sizes.split(",")]
+        except ValueError:
+            raise ConfigError(f"--site-sizes expects whole numbers separated by commas, got {args.site_sizes!r}") from None
+    else:
+        sizes = site_sizes(config.data, config.federation.sites)
+    check_sites(config, sizes)
+    t, p = config.training, config.privacy
+    try:
+        rows = plan_sites(sizes, batch_size=t.batch_size, local_epochs=t.local_epochs,
+                          rounds=config.federation.rounds, target_epsilon=p.target_epsilon, delta=p.delta,
+                          accountant=p.accountant, noise_multiplier=p.noise_multiplier, budgets=p.budgets())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if args.json:
+        print(json.dumps({"target_epsilon": p.target_epsilon, "delta": p.delta, "accountant": p.accountant,
+                          "sites": rows}))
+        return 0
+    noise = f"fixed sigma {p.noise_multiplier:g}" if p.noise_multiplier else "sigma calibrated to each site's budget"
+    print(f"budget epsilon {p.target_epsilon:g} at delta {p.delta:g} per site over {config.federation.rounds} rounds "
+          f"({p.accountant.upper()}; {noise}); batch {t.batch_size}, {t.local_epochs} local epoch(s)")
+    rounds = config.federation.rounds
+    head = "  ".join(f"eps@r{r}" for r in range(1, rounds + 1))
+    print(f"{'site':>4}  {'images':>6}  {'q':>7}  {'steps/r':>7}  {'sigma':>6}  {'budget':>6}  {head}  trains")
+    for row in rows:
+        eps = "  ".join(f"{e:>6.2f}" for e in row["epsilon_by_round"])
+        stop = row["rounds_within_budget"]
+        trains = ("all rounds" if stop == rounds else "no round" if stop == 0
+                  else f"round{'s 1-' if stop > 1 else ' '}{stop}, then stops")
+        print(f"{row['site']:>4}  {row['n']:>6}  {row['sample_rate']:>7.4f}  {row['steps_per_round']:>7}  "
+              f"{row['noise_multiplier']:>6.3f}  {row['budget']:>6.2f}  {eps}  {trains}")
+    return 0
+
+
+def audit_parser(sub) -> None:
+    p = sub.add_parser("audit", help="membership-inference audit of a run's global model",
+                       description="A loss-threshold membership-inference attack on RUN_DIR/global_model.pt: each "
+                       "site's training images against images of the same site that no one trained on. Prints "
+                       "AUC and TPR at 1% and 0.1% FPR; writes audit.json and audit_roc.png into RUN_DIR and "
+                       "adds the audit to its results.json and report.md.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+
+
+def audit(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    if (run_dir / "results.json").exists():
+        found = audit_into_run(run_dir)["audit"]
+    else:  # a run directory from elsewhere: just the model and its config
+        from fedclinic.privacy.audit import audit_run
+
+        found = {k: v for k, v in audit_run(run_dir).items() if k != "curve"}
+    if args.json:
+        print(json.dumps(found))
+        return 0
+    print(format_audit(found))
+    print(f"written: {run_dir / 'audit.json'}, {run_dir / 'audit_roc.png'}")
+    return 0
+
+
+def format_audit(found: dict) -> str:
+    return (f"membership inference (loss threshold), {found['members']} members vs {found['nonmembers']} "
+            f"non-members ({found['nonmembers_from']}): AUC {found['auc']:.3f}, "
+            f"TPR {found['tpr_at_1pct_fpr']:.3f} at 1% FPR, {found['tpr_at_01pct_fpr']:.3f} at 0.1% FPR")
+
+
+def audit_into_run(run_dir: Path) -> dict:
+    """Audit a finished run and add the result to its results.json and report.md; returns the results."""
+    from fedclinic.privacy.audit import audit_run
+    from fedclinic.report import render_report
+
+    audit = audit_run(run_dir)
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text())
+    results["audit"] = {k: v for k, v in audit.items() if k != "curve"}
+    results_path.write_text(json.dumps(results, indent=2))
+    (run_dir / "report.md").write_text(render_report(results, run_dir))
+    return results
+
+
+def ledger_parser(sub) -> None:
+    p = sub.add_parser("ledger", help="what a site has spent, from its privacy ledger",
+                       description="fedclinic ledger show DIR: a site's noise plan and every DP release it made, "
+                       "with its cumulative epsilon after each round. DIR is a site's state directory "
+                       "(runs/NAME/sites/site-K in simulation, the SuperNode's state-dir when deployed).")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("state_dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+
+
+def ledger(args: argparse.Namespace) -> int:
+    from fedclinic.privacy.ledger import Ledger
+
+    book = Ledger.open(args.state_dir, site=None)
+    spent = book.spending()
+    if args.json:
+        print(json.dumps(spent))
+        return 0
+    plan = spent["plan"]
+    if plan is None:
+        print(f"site {spent['site']}: no DP release recorded yet")
+        return 0
+    print(f"site {spent['site']}: epsilon {spent['epsilon']:.4f} spent at delta {spent['delta']:g} "
+          f"over {len(spent['rounds'])} round(s) ({spent['accountant'].upper()} accountant)")
+    print(f"plan: sigma {plan['noise_multiplier']:.4f}, q {plan['sample_rate']:.4g}, "
+          f"{plan['steps_per_round']} steps a round, {plan['rounds']} rounds, budget epsilon {plan['target_epsilon']:g}")
+    print(f"{'round':>5}  {'sigma':>7}  {'q':>7}  {'steps':>5}  {'epsilon':>8}  when (UTC)")
+    for r in spent["rounds"]:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))
+        print(f"{r['round']:>5}  {r['noise_multiplier']:>7.4f}  {r['sample_rate']:>7.4g}  {r['steps']:>5}  "
+              f"{r['epsilon']:>8.4f}  {when}")
+    return 0

@@ -1,0 +1,119 @@
+"""The commands that run federations: `fedclinic simulate` and `fedclinic sweep`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from fedclinic.cli.options import add_run_options, check_config, describe_privacy, progress_printer, resolve
+from fedclinic.cli.privacy import audit_into_run, format_audit
+from fedclinic.config import DEFAULTS, Config, ConfigError
+
+
+def simulate_parser(sub) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="run a federation of simulated hospital sites through Flower's simulation runtime",
+        description="Run hospital sites that train one multi-task model with DP-SGD, aggregated by the server. "
+        "Configuration keys (for --set and --config files): " + ", ".join(sorted(DEFAULTS)),
+    )
+    add_run_options(p, name_help="name of this run's directory (output.name, default a timestamp)")
+
+
+def run_once(config: Config, run_dir: Path, say: Callable[[str], None]) -> dict:
+    """One simulation of `config` into `run_dir`; returns its results.json, with the wall time added."""
+    from fedclinic import simulation
+    from fedclinic.data import site_data
+    from fedclinic.plots import plot_label_distribution, plot_site_samples
+    from fedclinic.report import format_progress
+
+    fed = config.federation
+    # what the sites hold: simulation only, the server never sees site data in deployment
+    sites = [site_data(config.data, k, fed.sites)[0] for k in range(fed.sites)]
+    plot_label_distribution(sites, run_dir / "label_distribution.png")
+    plot_site_samples(sites, run_dir / "site_samples.png")
+    say("  starting Flower's simulation runtime ...")
+    started = time.time()
+    simulation.run(config, run_dir, on_progress=lambda row: say(format_progress(row, fed.rounds)))
+    results = json.loads((run_dir / "results.json").read_text())
+    results["timings"]["wall_seconds"] = time.time() - started
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if config.privacy.audit:
+        say("  membership-inference audit of the final model ...")
+        results = audit_into_run(run_dir)
+    return results
+
+
+def simulate(args: argparse.Namespace) -> int:
+    from fedclinic.report import format_table, run_directory
+
+    config = resolve(args)
+    check_config(config)
+    run_dir = run_directory(config)
+    say = progress_printer(config)
+    fed = config.federation
+    say(f"fedclinic: {fed.sites} sites, {fed.rounds} rounds, {describe_privacy(config)} -> {run_dir}")
+    results = run_once(config, run_dir, say)
+    print(format_table(results))
+    for site in results["sites"]:
+        if site["stopped_in_round"]:
+            print(f"site {site['site']} stopped before round {site['stopped_in_round']}: its budget of epsilon "
+                  f"{site['budget']:g} would have been exceeded (spent {site['epsilon']:.3f})")
+    if results["stop_reason"]:
+        print(results["stop_reason"])
+    if "audit" in results:
+        print(format_audit(results["audit"]))
+    print(f"run directory: {run_dir}  (report.md, results.json, metrics.csv, global_model.pt, plots)")
+    return 0
+
+
+def sweep_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="the privacy/utility trade-off: the non-private baseline and one simulation per privacy setting",
+        description="Run the non-private baseline, then one simulation per target epsilon, per fixed noise "
+        "multiplier, each crossed with every clipping norm; same data and seeds for every point. Writes "
+        "<out>/<name>/sweep.csv, accuracy_vs_epsilon.png, iou_vs_epsilon.png and one run directory per point. "
+        "Finished points are reused, so rerunning an interrupted sweep resumes it. Other options as in simulate.",
+    )
+    p.add_argument("--epsilons", metavar="E,E,...", help="target epsilons, e.g. 1,3,8 (sigma calibrated to each)")
+    p.add_argument("--noise-multipliers", metavar="S,S,...",
+                   help="fixed noise multipliers, e.g. 0.5,1.0 (a site stops when privacy.target-epsilon would be exceeded)")
+    p.add_argument("--clipping-norms", metavar="C,C,...", help="per-example clipping norms to cross every private point with")
+    add_run_options(p, name_help="name of the sweep's directory (output.name, default sweep-<hash of these options>, "
+                                  "so the same command finds the same sweep)")
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from fedclinic.report import run_directory
+    from fedclinic.sweep import build_points, default_name, format_points, parse_values, reusable, run_points, write_sweep
+
+    if args.epsilons is None and args.noise_multipliers is None:
+        raise ConfigError("sweep needs --epsilons (e.g. 1,3,8) or --noise-multipliers (e.g. 0.5,1.0), or both")
+    options = {k: v for k, v in vars(args).items() if k not in ("quiet", "name")}
+    points = build_points(resolve(args, default_name=default_name(options)),
+                          epsilons=parse_values(args.epsilons, "--epsilons"),
+                          noise_multipliers=parse_values(args.noise_multipliers, "--noise-multipliers"),
+                          clipping_norms=parse_values(args.clipping_norms, "--clipping-norms"))
+    for point in points:
+        check_config(point.config)
+    base = points[0].config
+    sweep_dir = Path(base.output.dir)
+    say = progress_printer(base)
+    say(f"fedclinic sweep: {len(points)} points ({', '.join(p.label for p in points)}), "
+        f"{base.federation.sites} sites, {base.federation.rounds} round(s) each -> {sweep_dir}")
+    try:
+        rows = run_points(points, run_point=lambda config: run_once(config, run_directory(config), say), say=say)
+    except KeyboardInterrupt:
+        done = sum(reusable(point) for point in points)
+        print(f"fedclinic: sweep interrupted with {done} of {len(points)} points done; every process it started has "
+              "been stopped; run the same command again to resume from there", file=sys.stderr)
+        return 130
+    written = write_sweep(rows, sweep_dir)
+    print(format_points(rows))
+    print(f"sweep directory: {sweep_dir}  ({', '.join(path.name for path in written)}, one run directory per point)")
+    return 0

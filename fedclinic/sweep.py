@@ -1,0 +1,201 @@
+"""The privacy/utility trade-off: one simulation per privacy setting, side by side.
+
+    fedclinic sweep --epsilons 1,3,8
+    fedclinic sweep --epsilons 1,3,8 --noise-multipliers 0.5,1.0 --clipping-norms 0.5,1,2 --name dp-sweep
+
+Every point runs the same data, seeds and training settings; only privacy
+keys differ. The points are, in order: the non-private baseline
+(`privacy.mode=off`), one per target epsilon (sigma calibrated to it), one per
+fixed noise multiplier sigma (a site stops early when its next round would
+exceed privacy.target-epsilon), each private one crossed with every clipping
+norm when --clipping-norms is given.
+
+<out>/<name>/
+  <point>/          one complete run directory per point: baseline, eps-3, sigma-1, eps-3-clip-0.5, ...
+  sweep.csv         a row per point (COLUMNS below)
+  accuracy_vs_epsilon.png, iou_vs_epsilon.png   the trade-off (log epsilon; the baseline as a dashed line)
+
+A point whose directory holds results.json and a config.toml equal to the
+configuration it would run now is reused; an unfinished one is run again from
+scratch. So an interrupted sweep resumes when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from fedclinic.config import Config, ConfigError, load_config, replace
+from fedclinic.simulation import SimulationError
+
+# robust_accuracy stays empty until a run's results.json has a "robustness" section (adversarial evaluation)
+COLUMNS = ("point", "mode", "target_epsilon", "noise_multiplier", "max_grad_norm", "max_epsilon",
+           "accuracy", "f1", "iou", "robust_accuracy", "audit_auc", "wall_seconds", "run_dir")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One setting of the sweep: its label (the name of its run directory) and the full configuration."""
+
+    label: str
+    config: Config
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output.dir) / self.config.output.name
+
+
+def parse_values(text: str | None, flag: str) -> tuple[float, ...]:
+    """"1,3,8" -> (1.0, 3.0, 8.0); every value a finite number > 0, repeats dropped; None (not given) -> ()."""
+    if text is None:
+        return ()
+    try:
+        values = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} expects numbers separated by commas, e.g. 1,3,8; got {text!r}") from None
+    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ConfigError(f"{flag} values must be finite numbers > 0, got {bad[0]:g}")
+    return tuple(dict.fromkeys(values))
+
+
+def default_name(options: dict) -> str:
+    """sweep-<8 hex digits of the options>: the same command finds the same sweep directory again."""
+    digest = hashlib.sha1(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
+    return f"sweep-{digest[:8]}"
+
+
+def build_points(base: Config, *, epsilons: Iterable[float] = (), noise_multipliers: Iterable[float] = (),
+                 clipping_norms: Iterable[float] = ()) -> list[Point]:
+    """The baseline, then each target epsilon, then each fixed sigma, each crossed with the clipping norms."""
+    private = [(f"eps-{e:g}", {"mode": "local", "target_epsilon": e, "noise_multiplier": 0.0}) for e in epsilons]
+    private += [(f"sigma-{s:g}", {"mode": "local", "noise_multiplier": s}) for s in noise_multipliers]
+    clipping_norms = tuple(clipping_norms)
+    if clipping_norms:
+        private = [(f"{label}-clip-{c:g}", {**keys, "max_grad_norm": c}) for label, keys in private for c in clipping_norms]
+    sweep_dir = str(Path(base.output.dir) / base.output.name)
+    return [Point(label, replace(base, privacy=keys, output={"dir": sweep_dir, "name": label}))
+            for label, keys in [("baseline", {"mode": "off"}), *private]]
+
+
+def _same_run(a: Config, b: Config) -> bool:
+    """Equal in everything a run computes; where it is written and how loudly are no part of the result."""
+    def computed(config):
+        return {k: v for k, v in config.to_flat().items() if not k.startswith("output.")}
+    return computed(a) == computed(b)
+
+
+def reusable(point: Point) -> bool:
+    """The point's run finished (results.json) with exactly the configuration it would run now."""
+    results, saved = point.run_dir / "results.json", point.run_dir / "config.toml"
+    if not (results.exists() and saved.exists()):
+        return False
+    try:
+        return _same_run(load_config(saved), point.config)
+    except ConfigError:  # written by another fedclinic version: run it again
+        return False
+
+
+def robust_accuracy(results: dict) -> float | None:
+    """Accuracy under attack, once adversarial evaluation writes results["robustness"]; None before."""
+    robustness = results.get("robustness")
+    return robustness.get("robust_accuracy") if isinstance(robustness, dict) else None
+
+
+def point_row(point: Point, results: dict) -> dict:
+    """A row of sweep.csv: the point's privacy settings and the final metrics of its run (None = empty)."""
+    p, final = point.config.privacy, results["final"]
+    private = p.mode != "off"
+    return {
+        "point": point.label,
+        "mode": p.mode,
+        "target_epsilon": p.target_epsilon if private else None,  # a fixed sigma's hard budget
+        "noise_multiplier": (p.noise_multiplier or None) if private else None,  # None: calibrated per site
+        "max_grad_norm": p.max_grad_norm,
+        "max_epsilon": final["max_epsilon"] if private else None,  # spent, largest over sites
+        "accuracy": final["accuracy"],
+        "f1": final["f1"],
+        "iou": final["iou"],
+        "robust_accuracy": robust_accuracy(results),
+        "audit_auc": results.get("audit", {}).get("auc"),  # membership inference, when privacy.audit is on
+        "wall_seconds": results["timings"].get("wall_seconds"),
+        "run_dir": str(point.run_dir),
+    }
+
+
+def _cell(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def setting(point: Point) -> str:
+    """The point's privacy setting in words, for its progress line."""
+    p = point.config.privacy
+    if p.mode == "off":
+        return "privacy off (non-private baseline)"
+    noise = f"fixed sigma {p.noise_multiplier:g}, budget eps {p.target_epsilon:g}" if p.noise_multiplier else \
+        f"target eps {p.target_epsilon:g}"
+    return f"DP-SGD, {noise}, clipping norm {p.max_grad_norm:g}"
+
+
+def describe(row: dict) -> str:
+    return (f"accuracy {_cell(row['accuracy'])}, IoU {_cell(row['iou'])}, eps spent {_cell(row['max_epsilon'], '.2f')}, "
+            f"{_cell(row['wall_seconds'], '.0f')} s")
+
+
+def run_points(points: list[Point], *, run_point: Callable[[Config], dict],
+               say: Callable[[str], None]) -> list[dict]:
+    """Run (or reuse) every point in order; `run_point(config)` runs one simulation and returns its results."""
+    rows = []
+    for i, point in enumerate(points, 1):
+        head = f"[{i}/{len(points)}] {point.label}"
+        if reusable(point):
+            rows.append(point_row(point, json.loads((point.run_dir / "results.json").read_text())))
+            say(f"{head}: reused the finished run in {point.run_dir}: {describe(rows[-1])}")
+            continue
+        if point.run_dir.exists():
+            say(f"{head}: {point.run_dir} holds an unfinished or differently configured run; starting it afresh")
+            shutil.rmtree(point.run_dir)
+        say(f"{head}: started: {setting(point)}")
+        try:
+            results = run_point(point.config)
+        except SimulationError as err:
+            raise SimulationError(f"sweep point {point.label}: {err}") from None
+        rows.append(point_row(point, results))
+        say(f"{head}: done: {describe(rows[-1])}")
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        out = csv.DictWriter(f, fieldnames=COLUMNS)
+        out.writeheader()
+        for row in rows:
+            out.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+
+
+def write_sweep(rows: list[dict], sweep_dir: Path) -> list[Path]:
+    """sweep.csv and the trade-off plots (IoU only when the data has boxes); returns the files written."""
+    from fedclinic.plots import plot_privacy_tradeoff
+
+    written = [sweep_dir / "sweep.csv"]
+    write_csv(rows, written[0])
+    for metric, ylabel in (("accuracy", "accuracy"), ("iou", "mean IoU (lesions)")):
+        if any(row[metric] is not None for row in rows):
+            written.append(sweep_dir / f"{metric}_vs_epsilon.png")
+            plot_privacy_tradeoff(rows, metric, written[-1], ylabel=ylabel)
+    return written
+
+
+def format_points(rows: list[dict]) -> str:
+    """The short table `fedclinic sweep` ends with."""
+    lines = [f"{'point':<20}  {'eps spent':>9}  {'accuracy':>8}  {'f1':>6}  {'IoU':>6}", "-" * 57]
+    for r in rows:
+        lines.append(f"{r['point']:<20}  {_cell(r['max_epsilon'], '.2f'):>9}  {_cell(r['accuracy']):>8}  "
+                     f"{_cell(r['f1']):>6}  {_cell(r['iou']):>6}")
+    return "\n".join(lines)

@@ -1,0 +1,242 @@
+"""`fedclinic sweep`: the points it builds, sweep.csv, resuming, and one real sweep through Flower."""
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from fedclinic import cli
+from fedclinic.cli import run as cli_run
+from fedclinic.config import ConfigError, load_config, replace
+from fedclinic.report import run_directory
+from fedclinic.sweep import COLUMNS, build_points, parse_values, point_row, run_points, write_csv, write_sweep
+
+TINY = ["--sites", "2", "--rounds", "1", "--set", "data.site-size=160", "--set", "data.test-size=100",
+        "--set", "training.batch-size=32", "--set", "training.local-epochs=1"]
+
+
+def base_config(tmp_path, **privacy):
+    config = load_config(None, [f"output.dir={json.dumps(str(tmp_path))}", "output.name=sw"])
+    return replace(config, privacy=privacy) if privacy else config
+
+
+def fake_results(*, accuracy=0.5, iou=0.3, max_epsilon=2.0, **extra) -> dict:
+    return {"final": {"accuracy": accuracy, "f1": 0.4, "iou": iou, "loss": 1.0, "max_epsilon": max_epsilon},
+            "timings": {"wall_seconds": 12.0}, **extra}
+
+
+def fake_run(config) -> dict:
+    """What a finished run leaves that the sweep reads: config.toml and results.json in its run directory."""
+    run_dir = run_directory(config)
+    (run_dir / "config.toml").write_text(config.to_toml())
+    results = fake_results(max_epsilon=config.privacy.target_epsilon)
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return results
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# --- the points -----------------------------------------------------------
+
+def test_points_are_the_baseline_then_each_epsilon_then_each_sigma_each_crossed_with_the_clipping_norms(tmp_path):
+    # Prepare: a fixed sigma in the base must not leak into the calibrated points
+    base = base_config(tmp_path, noise_multiplier=2.0)
+    # Execute
+    points = build_points(base, epsilons=(1.0, 3.0), noise_multipliers=(0.5,), clipping_norms=(0.5, 2.0))
+    # Assert
+    assert [p.label for p in points] == ["baseline", "eps-1-clip-0.5", "eps-1-clip-2", "eps-3-clip-0.5",
+                                         "eps-3-clip-2", "sigma-0.5-clip-0.5", "sigma-0.5-clip-2"]
+    by_label = {p.label: p.config.privacy for p in points}
+    assert by_label["baseline"].mode == "off"
+    eps = by_label["eps-3-clip-0.5"]
+    assert (eps.mode, eps.target_epsilon, eps.noise_multiplier, eps.max_grad_norm) == ("local", 3.0, 0.0, 0.5)
+    sigma = by_label["sigma-0.5-clip-2"]
+    assert (sigma.mode, sigma.noise_multiplier, sigma.max_grad_norm) == ("local", 0.5, 2.0)
+    assert sigma.target_epsilon == base.privacy.target_epsilon  # the fixed sigma's hard budget
+    assert [p.run_dir for p in points] == [tmp_path / "sw" / p.label for p in points]
+
+
+def test_only_privacy_keys_differ_between_points(tmp_path):
+    base = base_config(tmp_path)
+    points = build_points(base, epsilons=(1.0,), noise_multipliers=(0.7,))
+    assert [p.label for p in points] == ["baseline", "eps-1", "sigma-0.7"]
+
+    def shared(config):
+        return {k: v for k, v in config.to_flat().items() if not k.startswith(("privacy.", "output."))}
+
+    assert all(shared(p.config) == shared(base) for p in points)
+
+
+def test_value_lists_are_parsed_and_repeats_dropped():
+    assert parse_values("1, 3,8,3", "--epsilons") == (1.0, 3.0, 8.0)
+    assert parse_values(None, "--epsilons") == ()
+
+
+@pytest.mark.parametrize("text, words", [
+    ("1,x", "--epsilons expects numbers separated by commas, e.g. 1,3,8; got '1,x'"),
+    ("", "got ''"),
+    ("3,0", "--epsilons values must be finite numbers > 0, got 0"),
+    ("-2", "got -2"),
+    ("nan", "got nan"),
+])
+def test_a_bad_value_list_is_refused_in_one_sentence(text, words):
+    with pytest.raises(ConfigError) as refused:
+        parse_values(text, "--epsilons")
+    assert words in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--epsilons", "1,x"], "--epsilons expects numbers"),
+    (["--epsilons", "0"], "--epsilons values must be finite numbers > 0, got 0"),
+    ([], "sweep needs --epsilons"),
+    (["--epsilons", "1e-7"], "no noise level reaches epsilon=1e-07"),
+])
+def test_the_command_refuses_bad_input_with_exit_2_before_anything_runs(tmp_path, capsys, args, words):
+    code = cli.main(["sweep", *args, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0 and words in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- sweep.csv and the plots ------------------------------------------------
+
+def test_sweep_csv_has_a_row_per_point_with_its_settings_and_final_metrics(tmp_path):
+    # Prepare
+    baseline, eps, sigma = build_points(base_config(tmp_path), epsilons=(3.0,), noise_multipliers=(1.5,))
+    rows = [point_row(baseline, fake_results(accuracy=0.8, max_epsilon=0.0)),
+            point_row(eps, fake_results(accuracy=0.6, iou=None, max_epsilon=2.99,
+                                        robustness={"robust_accuracy": 0.41})),
+            point_row(sigma, fake_results(accuracy=0.55, max_epsilon=5.1))]
+    # Execute
+    write_csv(rows, tmp_path / "sweep.csv")
+    # Assert
+    written = csv_rows(tmp_path / "sweep.csv")
+    assert tuple(written[0]) == COLUMNS
+    assert [r["point"] for r in written] == ["baseline", "eps-3", "sigma-1.5"]
+    assert written[0]["mode"] == "off" and written[0]["max_epsilon"] == "" and written[0]["target_epsilon"] == ""
+    assert (written[1]["target_epsilon"], written[1]["noise_multiplier"], written[1]["max_epsilon"]) == ("3.0", "", "2.99")
+    assert written[1]["iou"] == "" and written[1]["robust_accuracy"] == "0.41"
+    assert written[2]["noise_multiplier"] == "1.5" and written[2]["robust_accuracy"] == ""
+    assert written[2]["accuracy"] == "0.55" and written[2]["wall_seconds"] == "12.0"
+    assert written[2]["run_dir"] == str(tmp_path / "sw" / "sigma-1.5")
+
+
+def test_plots_are_written_and_iou_only_when_the_data_has_boxes(tmp_path):
+    points = build_points(base_config(tmp_path), epsilons=(1.0, 8.0), clipping_norms=(0.5, 2.0))
+    rows = [point_row(p, fake_results(accuracy=0.4 + 0.05 * i, max_epsilon=p.config.privacy.target_epsilon))
+            for i, p in enumerate(points)]
+    (tmp_path / "with-boxes").mkdir()
+    assert [f.name for f in write_sweep(rows, tmp_path / "with-boxes")] == [
+        "sweep.csv", "accuracy_vs_epsilon.png", "iou_vs_epsilon.png"]
+    assert (tmp_path / "with-boxes" / "accuracy_vs_epsilon.png").read_bytes().startswith(b"\x89PNG")
+
+    no_boxes = [{**row, "iou": None} for row in rows]
+    (tmp_path / "no-boxes").mkdir()
+    assert [f.name for f in write_sweep(no_boxes, tmp_path / "no-boxes")] == ["sweep.csv", "accuracy_vs_epsilon.png"]
+
+
+# --- resuming ---------------------------------------------------------------
+
+def test_a_finished_point_is_reused_a_partial_one_rerun_afresh_and_a_changed_one_rerun(tmp_path):
+    # Prepare: baseline finished; eps-1 interrupted (no results.json); eps-3 finished with another round count
+    base = base_config(tmp_path)
+    baseline, eps1, eps3 = build_points(base, epsilons=(1.0, 3.0))
+    fake_run(baseline.config)
+    run_directory(eps1.config)
+    (eps1.run_dir / "config.toml").write_text(eps1.config.to_toml())
+    (eps1.run_dir / "flower.log").write_text("interrupted")
+    fake_run(replace(eps3.config, federation={"rounds": 9}))
+    ran, lines = [], []
+
+    def recorded_run(config):
+        ran.append(config.output.name)
+        return fake_run(config)
+
+    # Execute
+    rows = run_points([baseline, eps1, eps3], run_point=recorded_run, say=lines.append)
+    # Assert
+    assert ran == ["eps-1", "eps-3"]
+    assert not (eps1.run_dir / "flower.log").exists()  # the partial directory was removed, not patched
+    assert load_config(eps3.run_dir / "config.toml") == eps3.config
+    assert [r["point"] for r in rows] == ["baseline", "eps-1", "eps-3"]
+    assert lines[0].startswith("[1/3] baseline: reused")
+    assert any(line.startswith("[2/3] eps-1: started") for line in lines)
+    assert any(line.startswith("[3/3] eps-3: done") for line in lines)
+
+
+def test_ctrl_c_exits_130_and_the_same_command_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
+    # Prepare: the second simulation is interrupted
+    calls = []
+
+    def interrupted_second(config, run_dir, say):
+        calls.append(config.output.name)
+        if config.output.name == "eps-2":
+            raise KeyboardInterrupt
+        return fake_run(config)
+
+    monkeypatch.setattr(cli_run, "run_once", interrupted_second)
+    command = ["sweep", "--epsilons", "2,4", "--out", str(tmp_path), "--quiet"]  # no --name: derived from the options
+    # Execute
+    first = cli.main(command)
+    err = capsys.readouterr().err
+    monkeypatch.setattr(cli_run, "run_once", lambda config, run_dir, say: calls.append(config.output.name) or fake_run(config))
+    second = cli.main(command)
+    out = capsys.readouterr().out
+    # Assert
+    assert first == 130
+    assert "interrupted with 1 of 3 points done" in err and "run the same command again to resume" in err
+    assert second == 0
+    assert calls == ["baseline", "eps-2", "eps-2", "eps-4"]  # the baseline was not run again
+    [sweep_dir] = tmp_path.iterdir()
+    assert sweep_dir.name.startswith("sweep-")
+    assert [r["point"] for r in csv_rows(sweep_dir / "sweep.csv")] == ["baseline", "eps-2", "eps-4"]
+    assert "eps-4" in out and "started" not in out  # --quiet: only the final table
+
+
+# --- end to end ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_real_sweep_writes_its_table_and_plots_and_reruns_only_what_is_missing(tmp_path, capsys):
+    command = ["sweep", "--epsilons", "3", *TINY, "--out", str(tmp_path), "--name", "tradeoff"]
+    sweep_dir = tmp_path / "tradeoff"
+    # Execute: the baseline and one private point through Flower's simulation runtime
+    assert cli.main(command) == 0
+    out = capsys.readouterr().out
+    # Assert
+    assert "[1/2] baseline: started" in out and "round 1/1" in out and "[2/2] eps-3: done" in out
+    rows = {r["point"]: r for r in csv_rows(sweep_dir / "sweep.csv")}
+    assert list(rows) == ["baseline", "eps-3"]
+    for label, row in rows.items():
+        final = json.loads((sweep_dir / label / "results.json").read_text())["final"]
+        assert float(row["accuracy"]) == pytest.approx(final["accuracy"]) and 0 <= final["accuracy"] <= 1
+        assert float(row["iou"]) == pytest.approx(final["iou"])
+        assert float(row["wall_seconds"]) > 0 and row["run_dir"] == str(sweep_dir / label)
+        assert 0 <= float(row["audit_auc"]) <= 1  # the membership-inference audit of each point
+    assert rows["baseline"]["mode"] == "off" and rows["baseline"]["max_epsilon"] == ""
+    assert rows["eps-3"]["mode"] == "local" and float(rows["eps-3"]["target_epsilon"]) == 3.0
+    assert 0 < float(rows["eps-3"]["max_epsilon"]) <= 3.0 * 1.001
+    for name in ("accuracy_vs_epsilon.png", "iou_vs_epsilon.png"):
+        assert (sweep_dir / name).read_bytes().startswith(b"\x89PNG"), name
+
+    # Execute: the same command again reruns nothing
+    finished = {label: (sweep_dir / label / "results.json").stat().st_mtime_ns for label in rows}
+    started = time.monotonic()
+    assert cli.main(command) == 0
+    out = capsys.readouterr().out
+    assert time.monotonic() - started < 20
+    assert out.count("reused") == 2 and "started" not in out
+    assert {label: (sweep_dir / label / "results.json").stat().st_mtime_ns for label in rows} == finished
+
+    # Execute: a point without results.json is run again, and only that one
+    (sweep_dir / "baseline" / "results.json").unlink()
+    assert cli.main(command) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] baseline: started" in out and "[2/2] eps-3: reused" in out
+    assert (sweep_dir / "baseline" / "results.json").exists()
+    assert (sweep_dir / "eps-3" / "results.json").stat().st_mtime_ns == finished["eps-3"]
