@@ -251,6 +251,7 @@ def render_report(results: dict, path: Path) -> str:
         f"({'synthetic sites' if not cfg['data.path'] else 'data from ' + cfg['data.path']}).",
         "",
         "## Privacy",
+        "",
     ]
     lines += _privacy_section(results)
     lines += [

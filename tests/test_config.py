@@ -67,6 +67,11 @@ def test_flower_run_config_gives_the_same_config():
         ("privacy.accountant='gdp'", "privacy.accountant must be rdp or prv, got 'gdp'"),
         ("federation.rounds=2.5", "federation.rounds must be a int, got 2.5"),
         ("privacy.mode=1", "privacy.mode must be a str, got 1"),
+        ("privacy.mode=strict", "privacy.mode must be one of local, central, both, off, got 'strict'"),
+        ("privacy.noise-multiplier=-1", "privacy.noise-multiplier must be >= 0, got -1"),
+        ('privacy.site-budgets="1:3"', 'privacy.site-budgets must look like "0=2.5,3=4" (site=epsilon), got \'1:3\''),
+        ('privacy.site-budgets="2=0"', "privacy.site-budgets: site 2's epsilon must be > 0"),
+        ("privacy.central-noise-multiplier=0", "privacy.central-noise-multiplier must be > 0, got 0"),
     ],
 )
 def test_impossible_settings_are_refused_with_the_bad_value(override, words):
@@ -98,6 +103,16 @@ def test_delta_must_be_below_one_over_the_smallest_site():
     check_sites(config, [500, 111, 300])  # 0.009 < 1/111
     with pytest.raises(ConfigError, match=r"privacy.delta=0.009 must be below 1/150 \(site 1 has 150"):
         check_sites(config, [500, 150, 300])
+
+
+def test_site_level_delta_and_per_site_budgets_must_fit_the_federation():
+    config = load_config(None, ["privacy.mode=both", "privacy.central-delta=0.2", "training.batch-size=8"])
+    with pytest.raises(ConfigError, match=r"privacy.central-delta=0.2 must be below 1/5 \(the federation has 5 sites\)"):
+        check_sites(config, [100] * 5)
+    config = load_config(None, ['privacy.site-budgets="0=2,7=1"', "training.batch-size=8"])
+    assert config.privacy.budget(0) == 2.0 and config.privacy.budget(3) == config.privacy.target_epsilon
+    with pytest.raises(ConfigError, match="privacy.site-budgets names site 7, but the sites are numbered 0 to 4"):
+        check_sites(config, [100] * 5)
 
 
 def test_delta_is_not_checked_for_the_non_private_baseline():
