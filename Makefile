@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# the tests' reference attack library; --no-deps because its metadata pins an old
+	# requests that Flower cannot use (it never imports requests)
+	$(BIN)/pip install --quiet --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -225,6 +225,89 @@ class FederationConfig:
         _require(self.client_gpus >= 0, f"federation.client-gpus must be >= 0, got {self.client_gpus}")
 
 
+ATTACKS, NORMS, TRAIN_ATTACKS = ("fgsm", "pgd"), ("linf", "l2"), ("none", "fgsm", "pgd")
+
+
+def parse_eps_list(text: str, key: str) -> tuple[float, ...]:
+    """"0.0039,0.0078" -> (0.0039, 0.0078): attack budgets in pixel units of images in [0, 1]."""
+    try:
+        values = tuple(float(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ConfigError(f"{key} must be numbers separated by commas, e.g. \"0.0039,0.0078\", got {text!r}") from None
+    _require(bool(values) and all(0 <= v <= 1 for v in values),
+             f"{key} must list one or more budgets in [0, 1] (pixel units), got {text!r}")
+    return values
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    # after the last round, attack the global model on the server's test set
+    enabled: bool = True
+    # the attack of the full evaluation: pgd or fgsm
+    attack: str = "pgd"
+    # the attack's norm: linf or l2
+    norm: str = "linf"
+    # attack budgets, pixel units of images in [0, 1] (1/255, 2/255, 4/255, 8/255)
+    eps: str = "0.0039,0.0078,0.0157,0.0314"
+    # PGD steps
+    steps: int = 10
+    # test images attacked (a seeded sample; 0 = all)
+    max_images: int = 500
+    # FGSM at this budget after every round, a cheap check (0 = off)
+    round_check_eps: float = 0.0
+    # adversarial training at the sites: none, fgsm or pgd examples mixed into the local batches
+    train_attack: str = "none"
+    # budget of those training examples (pixel units)
+    train_eps: float = 0.0157
+    # share of each local batch replaced by its adversarial version
+    train_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _require(self.attack in ATTACKS, f"robustness.attack must be fgsm or pgd, got {self.attack!r}")
+        _require(self.norm in NORMS, f"robustness.norm must be linf or l2, got {self.norm!r}")
+        parse_eps_list(self.eps, "robustness.eps")
+        _require(self.steps >= 1, f"robustness.steps must be at least 1, got {self.steps}")
+        _require(self.max_images >= 0, f"robustness.max-images must be >= 0, got {self.max_images}")
+        _require(0 <= self.round_check_eps <= 1, f"robustness.round-check-eps must be in [0, 1], got {self.round_check_eps}")
+        _require(self.train_attack in TRAIN_ATTACKS,
+                 f"robustness.train-attack must be none, fgsm or pgd, got {self.train_attack!r}")
+        _require(0 <= self.train_eps <= 1, f"robustness.train-eps must be in [0, 1], got {self.train_eps}")
+        _require(0 < self.train_fraction <= 1, f"robustness.train-fraction must be in (0, 1], got {self.train_fraction}")
+
+    @property
+    def eps_list(self) -> tuple[float, ...]:
+        return parse_eps_list(self.eps, "robustness.eps")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    # after the last round, export the global model to ONNX and quantize it to int8 (ONNX Runtime)
+    enabled: bool = True
+    # share of weights zeroed by global magnitude pruning before export (0 = none)
+    prune_amount: float = 0.0
+    # server test images used to calibrate the int8 ranges
+    calibration_images: int = 256
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.prune_amount < 1, f"compression.prune-amount must be in [0, 1), got {self.prune_amount}")
+        _require(self.calibration_images >= 1,
+                 f"compression.calibration-images must be at least 1, got {self.calibration_images}")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    # after the last round, attribution maps (Captum) and how much of them falls in the lesion box
+    enabled: bool = True
+    # sample test images drawn per class in explanations.png
+    per_class: int = 3
+    # test images with a lesion scored for the pointing game (a seeded sample; 0 = all)
+    max_images: int = 200
+
+    def __post_init__(self) -> None:
+        _require(self.per_class >= 1, f"explain.per-class must be at least 1, got {self.per_class}")
+        _require(self.max_images >= 0, f"explain.max-images must be >= 0, got {self.max_images}")
+
+
 @dataclass(frozen=True)
 class OutputConfig:
     # folder that holds one sub-folder per run
@@ -242,6 +325,9 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_flat(self) -> dict[str, Any]:

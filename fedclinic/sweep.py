@@ -13,7 +13,8 @@ norm when --clipping-norms is given.
 <out>/<name>/
   <point>/          one complete run directory per point: baseline, eps-3, sigma-1, eps-3-clip-0.5, ...
   sweep.csv         a row per point (COLUMNS below)
-  accuracy_vs_epsilon.png, iou_vs_epsilon.png   the trade-off (log epsilon; the baseline as a dashed line)
+  accuracy_vs_epsilon.png, iou_vs_epsilon.png, robust_accuracy_vs_epsilon.png
+                    the trade-off (log epsilon; the baseline as a dashed line)
 
 A point whose directory holds results.json and a config.toml equal to the
 configuration it would run now is reused; an unfinished one is run again from
@@ -34,7 +35,7 @@ from typing import Callable, Iterable
 from fedclinic.config import Config, ConfigError, load_config, replace
 from fedclinic.simulation import SimulationError
 
-# robust_accuracy stays empty until a run's results.json has a "robustness" section (adversarial evaluation)
+# robust_accuracy: accuracy under the configured attack at the largest robustness.eps (empty when it is off)
 COLUMNS = ("point", "mode", "target_epsilon", "noise_multiplier", "max_grad_norm", "max_epsilon",
            "accuracy", "f1", "iou", "robust_accuracy", "audit_auc", "wall_seconds", "run_dir")
 
@@ -185,7 +186,8 @@ def write_sweep(rows: list[dict], sweep_dir: Path) -> list[Path]:
 
     written = [sweep_dir / "sweep.csv"]
     write_csv(rows, written[0])
-    for metric, ylabel in (("accuracy", "accuracy"), ("iou", "mean IoU (lesions)")):
+    for metric, ylabel in (("accuracy", "accuracy"), ("iou", "mean IoU (lesions)"),
+                           ("robust_accuracy", "robust accuracy (largest attack budget)")):
         if any(row[metric] is not None for row in rows):
             written.append(sweep_dir / f"{metric}_vs_epsilon.png")
             plot_privacy_tradeoff(rows, metric, written[-1], ylabel=ylabel)

@@ -13,7 +13,12 @@ import pytest
 
 import fedclinic
 
-SMALL = ["--set", "data.site-size=300", "--set", "data.test-size=300"]
+# the steps after training (attack, compress, explain) are tested on their own and in one run below
+NO_POST = ["--set", "robustness.enabled=false", "--set", "compression.enabled=false", "--set", "explain.enabled=false"]
+SMALL = ["--set", "data.site-size=300", "--set", "data.test-size=300", *NO_POST]
+# cheap settings for the one end-to-end run that attacks, compresses and explains
+SMALL_POST = ["--set", "robustness.max-images=120", "--set", "robustness.steps=3", "--set", "explain.max-images=40",
+              "--set", "robustness.round-check-eps=0.0078"]
 # two DP rounds learn only when the sites' labels are not skewed (label-alpha=100: near iid)
 LEARNS_IN_TWO_ROUNDS = ["--set", "data.test-size=300", "--set", "data.label-alpha=100",
                         "--set", "training.local-epochs=3"]
@@ -42,7 +47,8 @@ def processes_started_for(run_dir: Path) -> list[int]:
 @pytest.mark.slow
 def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows(tmp_path):
     # Execute
-    proc = simulate("--sites", "3", "--rounds", "2", "--out", str(tmp_path), "--name", "e2e", *LEARNS_IN_TWO_ROUNDS)
+    proc = simulate("--sites", "3", "--rounds", "2", "--out", str(tmp_path), "--name", "e2e", *LEARNS_IN_TWO_ROUNDS,
+                    *SMALL_POST)
     # Assert
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "e2e"
@@ -58,8 +64,23 @@ def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows
     assert 0 <= results["audit"]["auc"] <= 1 and results["audit"]["members"] == results["audit"]["nonmembers"] > 0
     assert "membership inference (loss threshold)" in proc.stdout  # the audit, on by default
     assert "Empirical audit" in (run / "report.md").read_text()
+    # after training: the model attacked, compressed and explained, in results.json, the report and the output
+    robustness = results["robustness"]
+    assert [a["eps"] for a in robustness["attacks"]] == [0.0039, 0.0078, 0.0157, 0.0314] and robustness["n"] == 120
+    assert robustness["clean_accuracy"] >= robustness["attacks"][0]["robust_accuracy"] >= robustness["robust_accuracy"]
+    assert all(r["fgsm_accuracy"] is not None for r in results["rounds"][1:])  # the per-round check
+    compression = results["compression"]
+    assert compression["size_ratio"] > 3 and abs(compression["accuracy_change"]) <= 0.05
+    assert compression["files"]["int8_path"] == "global_model.int8.onnx"
+    assert 0 <= results["explanations"]["integrated_gradients"]["mass_in_box"] <= 1
+    assert "under attack (PGD linf)" in proc.stdout and "int8 model:" in proc.stdout
+    report = (run / "report.md").read_text()
+    assert "## Under attack" in report and "## Compressed for deployment" in report and "## What the model looks at" in report
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and 'src="explanations.png"' not in html  # self-contained
     for name in ("config.toml", "report.md", "central_metrics.png", "epsilon_per_site.png",
-                 "label_distribution.png", "site_samples.png", "audit.json", "audit_roc.png"):
+                 "label_distribution.png", "site_samples.png", "audit.json", "audit_roc.png",
+                 "global_model.int8.onnx", "explanations.png"):
         assert (run / name).stat().st_size > 0, name
     model = fedclinic.load_model(run / "global_model.pt")
     assert not model.training
@@ -121,7 +142,7 @@ def test_a_users_npz_without_boxes_is_split_among_sites_and_iou_is_not_applicabl
     np.savez(tmp_path / "scans.npz", **arrays)
     # Execute
     proc = simulate("--data", str(tmp_path / "scans.npz"), "--sites", "2", "--rounds", "1", "--out", str(tmp_path),
-                    "--name", "npz", "--set", "data.partitioner=iid", "--set", "training.batch-size=64")
+                    "--name", "npz", "--set", "data.partitioner=iid", "--set", "training.batch-size=64", *NO_POST)
     # Assert
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((tmp_path / "npz" / "results.json").read_text())

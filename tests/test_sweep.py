@@ -14,7 +14,10 @@ from fedclinic.report import run_directory
 from fedclinic.sweep import COLUMNS, build_points, parse_values, point_row, run_points, write_csv, write_sweep
 
 TINY = ["--sites", "2", "--rounds", "1", "--set", "data.site-size=160", "--set", "data.test-size=100",
-        "--set", "training.batch-size=32", "--set", "training.local-epochs=1"]
+        "--set", "training.batch-size=32", "--set", "training.local-epochs=1",
+        # a cheap attack fills the robust_accuracy column; compressing and explaining are tested elsewhere
+        "--set", "robustness.steps=2", "--set", "robustness.max-images=50",
+        "--set", "compression.enabled=false", "--set", "explain.enabled=false"]
 
 
 def base_config(tmp_path, **privacy):
@@ -218,6 +221,8 @@ def test_a_real_sweep_writes_its_table_and_plots_and_reruns_only_what_is_missing
         assert float(row["iou"]) == pytest.approx(final["iou"])
         assert float(row["wall_seconds"]) > 0 and row["run_dir"] == str(sweep_dir / label)
         assert 0 <= float(row["audit_auc"]) <= 1  # the membership-inference audit of each point
+        assert float(row["robust_accuracy"]) == pytest.approx(
+            json.loads((sweep_dir / label / "results.json").read_text())["robustness"]["robust_accuracy"])
     assert rows["baseline"]["mode"] == "off" and rows["baseline"]["max_epsilon"] == ""
     assert rows["eps-3"]["mode"] == "local" and float(rows["eps-3"]["target_epsilon"]) == 3.0
     assert 0 < float(rows["eps-3"]["max_epsilon"]) <= 3.0 * 1.001

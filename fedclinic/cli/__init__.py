@@ -7,9 +7,10 @@
     fedclinic budget --plan --set privacy.target-epsilon=3          # sigma and epsilon per site and round
     fedclinic ledger show runs/NAME/sites/site-0                    # what a site has spent
     fedclinic audit runs/NAME                                       # membership inference on the global model
+    fedclinic evaluate --model runs/NAME/global_model.pt --data scans.npz --attack pgd --eps 2/255 8/255
 
 run.py holds the commands that run federations, privacy.py the privacy
-commands, options.py what simulate and sweep share.
+commands, evaluate.py `fedclinic evaluate`, options.py what simulate and sweep share.
 """
 
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedclinic.cli.evaluate import evaluate, evaluate_parser
 from fedclinic.cli.privacy import audit_parser, budget_parser, ledger_parser, audit, budget, ledger
 from fedclinic.cli.run import simulate_parser, sweep_parser, simulate, sweep
 from fedclinic.config import ConfigError
@@ -32,13 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     sweep_parser(sub)
     ledger_parser(sub)
     audit_parser(sub)
+    evaluate_parser(sub)
     args = parser.parse_args(argv)
     from fedclinic.privacy.audit import AuditError
     from fedclinic.privacy.ledger import LedgerError
     from fedclinic.simulation import SimulationError
 
     try:
-        return {"simulate": simulate, "budget": budget, "sweep": sweep, "ledger": ledger, "audit": audit}[args.command](args)
+        commands = {"simulate": simulate, "budget": budget, "sweep": sweep, "ledger": ledger, "audit": audit,
+                    "evaluate": evaluate}
+        return commands[args.command](args)
     except (ConfigError, DataError, SimulationError, LedgerError, AuditError) as err:
         print(f"fedclinic: error: {err}", file=sys.stderr)
         return 2

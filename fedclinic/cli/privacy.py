@@ -147,14 +147,14 @@ def format_audit(found: dict) -> str:
 def audit_into_run(run_dir: Path) -> dict:
     """Audit a finished run and add the result to its results.json and report.md; returns the results."""
     from fedclinic.privacy.audit import audit_run
-    from fedclinic.report import render_report
+    from fedclinic.report_text import write_reports
 
     audit = audit_run(run_dir)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text())
     results["audit"] = {k: v for k, v in audit.items() if k != "curve"}
     results_path.write_text(json.dumps(results, indent=2))
-    (run_dir / "report.md").write_text(render_report(results, run_dir))
+    write_reports(results, run_dir)
     return results
 
 

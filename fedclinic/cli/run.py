@@ -48,6 +48,25 @@ def run_once(config: Config, run_dir: Path, say: Callable[[str], None]) -> dict:
     return results
 
 
+def post_training_summary(results: dict) -> list[str]:
+    """One line each for the attack, the compressed model and the explanations, when they ran."""
+    lines = []
+    if results.get("robustness"):
+        r = results["robustness"]
+        lines.append(f"under attack ({r['attack'].upper()} {r['norm']}): accuracy {r['clean_accuracy']:.3f} clean, "
+                     f"{r['robust_accuracy']:.3f} at eps {r['headline_eps'] * 255:.0f}/255")
+    if results.get("compression"):
+        c = results["compression"]
+        lines.append(f"int8 model: {c['size_ratio']:.2f}x smaller, {c['speedup_b64']:.2f}x faster at batch 64, "
+                     f"accuracy {c['accuracy_change'] * 100:+.1f} points ({c['files']['int8_path']})")
+    if results.get("explanations"):
+        ig = results["explanations"]["integrated_gradients"]
+        if ig["images"]:
+            lines.append(f"explanations: {ig['mass_in_box']:.2f} of Integrated Gradients' mass lies in the lesion box "
+                         f"(chance {ig['chance_mass']:.2f}); explanations.png")
+    return lines
+
+
 def simulate(args: argparse.Namespace) -> int:
     from fedclinic.report import format_table, run_directory
 
@@ -67,7 +86,10 @@ def simulate(args: argparse.Namespace) -> int:
         print(results["stop_reason"])
     if "audit" in results:
         print(format_audit(results["audit"]))
-    print(f"run directory: {run_dir}  (report.md, results.json, metrics.csv, global_model.pt, plots)")
+    for line in post_training_summary(results):
+        print(line)
+    print(f"run directory: {run_dir}  (report.html, report.md, results.json, metrics.csv, global_model.pt, "
+          "global_model.int8.onnx, plots)")
     return 0
 
 

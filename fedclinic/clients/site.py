@@ -89,6 +89,7 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
         train,
         training=config.training,
         privacy=config.privacy,
+        robustness=config.robustness,
         box_weight=config.model.box_weight,
         noise_multiplier=sigma,
         seed=config.data.seed * 100_003 + site.index * 1009 + server_round,

@@ -1,22 +1,34 @@
-"""A site's local training for one round: plain SGD, or DP-SGD with Opacus.
+"""A site's local training for one round: plain SGD, or DP-SGD with Opacus, optionally adversarial.
 
 Flower-free. The Flower handler in clients/app.py hands in the global model,
 the site's data and the noise multiplier from the site's ledger, and gets
 back what the round did.
+
+With `robustness.train-attack` fgsm or pgd, a share of every batch is
+replaced by adversarial versions of its own images, crafted against the
+current model, before the (DP-)SGD step. Each adversarial image stands in for
+its clean record, so DP-SGD still clips one gradient per record and the
+privacy accounting (sigma, q, steps, epsilon) is that of clean training.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedclinic.config import PrivacyConfig, TrainingConfig
+from fedclinic.config import PrivacyConfig, RobustnessConfig, TrainingConfig
 from fedclinic.data import ImageSet
+from fedclinic.evaluation.adversarial import perturb
 from fedclinic.model import multitask_loss
+
+# robustness.* as configured by default (frozen, so one instance serves every call)
+DEFAULT_ROBUSTNESS = RobustnessConfig()
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,60 @@ def as_dataset(data: ImageSet) -> TensorDataset:
     return TensorDataset(torch.from_numpy(data.images), torch.from_numpy(data.labels), torch.as_tensor(boxes))
 
 
+@contextmanager
+def per_sample_hooks_off(model: nn.Module) -> Iterator[nn.Module]:
+    """The plain module inside `model` (itself when not wrapped), with Opacus's per-sample hooks off meanwhile.
+
+    Opacus's GradSampleModule hooks the layers themselves, so even a forward
+    and backward of the unwrapped module would record activations and add to
+    p.grad_sample; its disable_hooks() stops that. The "ew" wrapper has no
+    hooks: its per-sample gradients come from its own forward, which the plain
+    module bypasses.
+    """
+    plain = getattr(model, "_module", model)
+    hooks_were_on = getattr(model, "hooks_enabled", False)
+    if hooks_were_on:
+        model.disable_hooks()
+    try:
+        yield plain
+    finally:
+        if hooks_were_on:
+            model.enable_hooks()
+
+
+def mix_adversarial(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    boxes: Tensor,
+    *,
+    robustness: RobustnessConfig,
+    generator: torch.Generator,
+) -> Tensor:
+    """`images` (float, in [0, 1]) with robustness.train_fraction of its rows replaced by adversarial versions.
+
+    The rows (the nearest whole number of them) are drawn from `generator`,
+    independently of the data, and attacked on the class head with
+    `robustness.train_attack` at `robustness.train_eps` against `model` as it
+    is now; PGD's random starts come from `generator` too. An adversarial image
+    depends on its own clean image alone (GroupNorm mixes no examples), so it
+    is that record's one example. `model` may be wrapped by Opacus: p.grad and
+    p.grad_sample are left as they were.
+    """
+    n = images.shape[0]
+    k = round(robustness.train_fraction * n)
+    if k == 0:
+        return images
+    rows = torch.randperm(n, generator=generator, device=images.device)[:k]
+    with per_sample_hooks_off(model) as plain:
+        crafted = perturb(plain, images[rows], labels[rows], boxes[rows], attack=robustness.train_attack,
+                          norm=robustness.norm, eps=robustness.train_eps, steps=robustness.steps,
+                          target="class", generator=generator)
+    mixed = images.clone()
+    mixed[rows] = crafted
+    return mixed
+
+
 def train_locally(
     model: nn.Module,
     data: ImageSet,
@@ -53,10 +119,19 @@ def train_locally(
     box_weight: float,
     noise_multiplier: float,
     seed: int,
+    robustness: RobustnessConfig = DEFAULT_ROBUSTNESS,
 ) -> LocalResult:
-    """Train `model` in place on the site's data for `training.local_epochs` epochs."""
+    """Train `model` in place on the site's data for `training.local_epochs` epochs.
+
+    With `robustness.train_attack` other than "none", every batch is first
+    mixed with adversarial images (`mix_adversarial`).
+    """
     device = resolve_device(training.device)
     torch.manual_seed(seed)
+    # the attack's own random draws (which rows, PGD's starts): batches and DP noise come from
+    # the global generator, and stay the same as in clean training with the same seed
+    attack_generator = torch.Generator(device=device).manual_seed(seed)
+    adversarial = robustness.train_attack != "none"
     model.to(device).train()
     loader = DataLoader(as_dataset(data), batch_size=training.batch_size, shuffle=True)
     lr = training.learning_rate if privacy.local else training.baseline_learning_rate
@@ -86,13 +161,14 @@ def train_locally(
     for _ in range(training.local_epochs):
         for images, labels, boxes in loader:
             x = images.to(device, torch.float32).div_(255)
+            labels, boxes = labels.to(device), boxes.to(device)
+            if adversarial:
+                x = mix_adversarial(model, x, labels, boxes, robustness=robustness, generator=attack_generator)
             # cleared before the forward pass: Opacus's "ew" mode collects per-sample
             # gradients during it
             optimizer.zero_grad(set_to_none=True)
             logits, pred_boxes = model(x)
-            loss, _ = multitask_loss(
-                logits, pred_boxes, labels.to(device), boxes.to(device), box_weight=box_weight
-            )
+            loss, _ = multitask_loss(logits, pred_boxes, labels, boxes, box_weight=box_weight)
             loss.backward()
             if not privacy.local:
                 # the baseline shares the optimizer settings of DP-SGD, whose per-example
@@ -102,6 +178,10 @@ def train_locally(
             total += loss.item()
             steps += 1
     seconds = time.perf_counter() - t0
+    if privacy.local:
+        # Opacus hooks the caller's own layers; left on, a later backward in eval mode (an attack
+        # on the trained model) finds no recorded activations and fails
+        model.to_standard_module()
     return LocalResult(
         loss=total / max(steps, 1),
         steps=steps,

@@ -103,15 +103,21 @@ def _batches(
 
 
 @contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no autograd inside the block; the model's train/eval mode is restored after it."""
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode inside the block, autograd still on (attacks and attributions need it); the mode is restored after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            yield model
+        yield model
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no autograd inside the block; the model's train/eval mode is restored after it."""
+    with eval_mode(model), torch.inference_mode():
+        yield model
 
 
 def evaluate(

@@ -1,4 +1,4 @@
-"""The Flower ServerApp: run the strategy, evaluate centrally each round, write the run.
+"""The Flower ServerApp: run the strategy, evaluate centrally each round, attack/compress/explain, write the run.
 
     flwr run .        (or: fedclinic simulate)
 """
@@ -17,8 +17,10 @@ from fedclinic.clients.training import resolve_device
 from fedclinic.config import check_sites, from_run_config
 from fedclinic.data import server_test_set, site_sizes
 from fedclinic.evaluation import evaluate
+from fedclinic.evaluation.adversarial import fgsm_check
 from fedclinic.model import MultiTaskNet
 from fedclinic.report import RunRecorder, run_directory
+from fedclinic.server.post_training import post_training, sample
 from fedclinic.strategies.fedavg import FederationStopped, build_strategy
 
 app = ServerApp()
@@ -57,11 +59,15 @@ def main(grid: Grid, context: Context) -> None:
     device = resolve_device(config.training.device)
     model.to(device)
     strategy = build_strategy(config, sites=nodes, rounds=fed.rounds)
+    check_eps = config.robustness.round_check_eps
+    checked = sample(test_set, config.robustness.max_images, seed=config.data.seed)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         t0 = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
         scores = evaluate(model, test_set, box_weight=config.model.box_weight, device=device)
+        if check_eps and server_round > 0:  # the cheap robustness check of every round
+            scores["fgsm_accuracy"] = fgsm_check(model, checked, check_eps, device=device)["robust_accuracy"]
         scores["seconds"] = time.perf_counter() - t0
         line = recorder.central_round(server_round, scores, strategy.site_metrics, strategy.central_epsilon())
         log(INFO, "%s", line)
@@ -80,6 +86,11 @@ def main(grid: Grid, context: Context) -> None:
     except FederationStopped as stopped:
         final = stopped.arrays
     model.load_state_dict(final.to_torch_state_dict())
+    def say(message: str) -> None:
+        log(INFO, "fedclinic: %s", message)
+        recorder.note(message)
+
+    found = post_training(model, test_set, config, run_dir, device=device, say=say)
     recorder.finish(
         model,
         test_set.class_names,
@@ -87,5 +98,6 @@ def main(grid: Grid, context: Context) -> None:
         strategy_seconds=time.time() - started,
         stop_reason=strategy.stop_reason,
         central_epsilon=strategy.central_epsilon(),
+        post_training=found,
     )
     log(INFO, "fedclinic: run written to %s", run_dir)

@@ -1,0 +1,220 @@
+"""report.md and report.html of a run: privacy, utility, robustness, compression, explanations, in plain words.
+
+Both are rendered from results.json; report.html is the same text with every
+image embedded, so it can be mailed to someone who did not run anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+from pathlib import Path
+
+from markdown_it import MarkdownIt
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
+
+
+def format_table(results: dict) -> str:
+    """The short table `fedclinic simulate` ends with: record-level eps is the largest any site spent."""
+    central = results["privacy"]["central"] is not None
+    extra = f"  {'site eps':>8}" if central else ""
+    lines = [f"{'round':>5}  {'accuracy':>8}  {'IoU':>6}  {'rec eps':>7}{extra}", "-" * (33 + len(extra))]
+    for r in results["rounds"]:
+        site_eps = f"  {_fmt(r['central_epsilon'], '.2f'):>8}" if central else ""
+        lines.append(f"{r['round']:>5}  {_fmt(r['accuracy']):>8}  {_fmt(r['iou']):>6}  {r['max_epsilon']:>7.2f}{site_eps}")
+    return "\n".join(lines)
+
+
+def _privacy_section(results: dict) -> list[str]:
+    """What each epsilon protects, what every site spent, who stopped and why."""
+    privacy = results["privacy"]
+    lines = []
+    if privacy["record_level"]:
+        rec = privacy["record_level"]
+        noise = (f"a fixed noise multiplier {rec['noise_multiplier']}" if rec["noise_multiplier"]
+                 else "noise calibrated to each site's budget")
+        lines += [
+            f"**Record-level DP** (local DP-SGD, Opacus, {rec['accountant'].upper()} accountant): every site trained "
+            f"with {noise}; its budget is epsilon = {rec['target_epsilon']} at delta = {rec['delta']:g} over the "
+            "whole training unless it set its own. This epsilon protects each patient record of a site, counts "
+            "every round the site took part in, and a site declines any round that would take it past its budget.",
+            "",
+            "| site | images | sigma | epsilon spent | budget | delta | rounds trained | stopped |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | :--- |",
+        ]
+        for s in results["sites"]:
+            stopped = f"declined round {s['stopped_in_round']}" if s["stopped_in_round"] else "no"
+            lines.append(f"| {s['site']} | {s['n']} | {s['sigma']:.3f} | {s['epsilon']:.3f} | {s['budget']:g} | "
+                         f"{s['delta']:g} | {s['rounds_trained']} | {stopped} |")
+        lines += ["", "![epsilon per site](epsilon_per_site.png)", ""]
+    if privacy["central"]:
+        c = privacy["central"]
+        lines += [
+            f"**Site-level DP** (central, Flower's server-side fixed clipping): each site's update was clipped to "
+            f"L2 norm {c['clipping_norm']} and "
+            f"Gaussian noise (multiplier {c['noise_multiplier']}) was added to the aggregate. "
+            f"Site-level epsilon = {_fmt(c['epsilon'])} at delta = {c['delta']:g} (Flower's RDP accountant, no "
+            "amplification by sampling claimed). It protects whether a hospital took part and what it sent.",
+            "",
+        ]
+    if not privacy["record_level"] and not privacy["central"]:
+        lines.append("Privacy was **off**: this is the non-private baseline, with no formal guarantee for patients.")
+    if results.get("stop_reason"):
+        lines += ["", f"**Stopped early:** {results['stop_reason']}."]
+    if results.get("audit"):
+        a = results["audit"]
+        lines += [
+            "",
+            "**Empirical audit.** A loss-threshold membership-inference attack on the final model, "
+            f"{a['members']} training images of the sites against {a['nonmembers']} images nobody trained on "
+            f"({a['nonmembers_from']}): AUC {a['auc']:.3f} (0.5 = cannot tell them apart), "
+            f"TPR {a['tpr_at_1pct_fpr']:.3f} at 1% FPR and {a['tpr_at_01pct_fpr']:.3f} at 0.1% FPR. "
+            "An audit is a lower bound on leakage, not a proof of privacy.",
+            "",
+            "![membership-inference ROC](audit_roc.png)",
+        ]
+    return lines
+
+
+def _robustness_section(rob: dict) -> list[str]:
+    lines = [
+        "## Under attack",
+        f"{rob['attack'].upper()} ({rob['norm']}, {rob['steps']} step(s)) on {rob['n']} test images; budgets in "
+        "pixel units of images in [0, 1] (1/255 is one grey level). Robust accuracy: the class head attacked; "
+        "IoU under attack: the box head attacked, on the images with a lesion.",
+        "",
+        "| eps | eps × 255 | accuracy | IoU |",
+        "| ---: | ---: | ---: | ---: |",
+        f"| 0 | 0 | {_fmt(rob['clean_accuracy'])} | {_fmt(rob['clean_iou'])} |",
+    ]
+    for a in rob["attacks"]:
+        lines.append(f"| {a['eps']:.4f} | {a['eps'] * 255:.1f} | {_fmt(a['robust_accuracy'])} | "
+                     f"{_fmt(a['iou_under_attack'])} |")
+    return lines + [""]
+
+
+def _compression_section(comp: dict) -> list[str]:
+    before, after = comp["before"], comp["after"]
+    return [
+        "## Compressed for deployment",
+        f"`{comp['files']['int8_path']}`: int8 ONNX (ONNX Runtime static quantization, calibrated on "
+        f"{comp['calibration_images']} server images; {comp['prune_amount']:.0%} of weights pruned). It runs with "
+        f"onnxruntime alone. Compared on {comp['n']} test images, {comp['threads']} CPU thread(s):",
+        "",
+        "| | global_model.pt | int8 ONNX | ratio |",
+        "| --- | ---: | ---: | ---: |",
+        f"| size on disk | {before['bytes'] / 1024:.1f} KB | {after['bytes'] / 1024:.1f} KB | "
+        f"{comp['size_ratio']:.2f}× smaller |",
+        f"| ms per image, batch 1 | {before['ms_per_image_b1']:.3f} | {after['ms_per_image_b1']:.3f} | "
+        f"{comp['speedup_b1']:.2f}× faster |",
+        f"| ms per image, batch 64 | {before['ms_per_image_b64']:.3f} | {after['ms_per_image_b64']:.3f} | "
+        f"{comp['speedup_b64']:.2f}× faster |",
+        f"| accuracy | {_fmt(before['accuracy'])} | {_fmt(after['accuracy'])} | "
+        f"{_fmt(comp['accuracy_change'] * 100, '+.1f')} points |",
+        f"| IoU | {_fmt(before['iou'])} | {_fmt(after['iou'])} | {_fmt(comp['iou_change'], '+.3f')} |",
+        f"| robust accuracy (transfer) | {_fmt(before['robust_accuracy'])} | {_fmt(after['robust_accuracy'])} | "
+        f"{_fmt(comp['robust_accuracy_change'], '+.3f')} |",
+        "",
+        f"The two models predict the same class for {comp['agreement']:.1%} of the images.",
+        "",
+    ]
+
+
+def _explanations_section(found: dict) -> list[str]:
+    lines = [
+        "## What the model looks at",
+        "Attribution maps of sample test images (Captum); the green box is the true lesion, the magenta one the "
+        "predicted box. Scores over the test images with a lesion, each map explaining the true class: the share "
+        "of positive attribution inside the lesion box, against the box's share of the image (chance), and how "
+        "often the strongest pixel falls inside the box (pointing game).",
+        "",
+        "| method | mass in box | chance | pointing hit rate | images |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for method, s in found.items():
+        lines.append(f"| {method.replace('_', ' ')} | {_fmt(s['mass_in_box'])} | {_fmt(s['chance_mass'])} | "
+                     f"{_fmt(s['pointing_hit_rate'])} | {s['images']} |")
+    return lines + ["", "![explanations](explanations.png)", ""]
+
+
+def _post_training_sections(results: dict) -> list[str]:
+    lines = [""]
+    if results.get("robustness"):
+        lines += _robustness_section(results["robustness"])
+    if results.get("compression"):
+        lines += _compression_section(results["compression"])
+    if results.get("explanations"):
+        lines += _explanations_section(results["explanations"])
+    return lines
+
+
+def render_report(results: dict, path: Path) -> str:
+    cfg = results["config"]
+    final = results["final"]
+    lines = [
+        f"# fedclinic run `{results['run']}`",
+        "",
+        f"{len(results['sites'])} hospital sites trained one shared model for {len(results['rounds']) - 1} rounds "
+        f"({'synthetic sites' if not cfg['data.path'] else 'data from ' + cfg['data.path']}).",
+        "",
+        "## Privacy",
+        "",
+    ]
+    lines += _privacy_section(results)
+    lines += [
+        "",
+        "## The global model on the server's held-out test set",
+        f"Final accuracy {_fmt(final['accuracy'])}, macro-F1 {_fmt(final['f1'])}, mean IoU of lesion boxes "
+        f"{_fmt(final['iou'])} (n/a means the data has no boxes).",
+        "",
+        "```",
+        format_table(results),
+        "```",
+        "",
+        "![central metrics](central_metrics.png)",
+    ]
+    for name, title in (("label_distribution.png", "Label distribution per site"), ("site_samples.png", "Sample images per site")):
+        if (path / name).exists():
+            lines += ["", f"## {title}", f"![{title}]({name})"]
+    lines += _post_training_sections(results)
+    t = results["timings"]
+    steps = [f"{name} {seconds:.1f} s" for name, seconds in t.get("post_training_seconds", {}).items()]
+    lines += [
+        "",
+        "## Timings",
+        f"Server {t['server_seconds']:.1f} s; local training at all sites {t['site_train_seconds']:.1f} s; "
+        f"central evaluation {t['central_eval_seconds']:.1f} s" + (f"; after training: {', '.join(steps)}." if steps else "."),
+        "",
+        "The global model loads with `fedclinic.load_model('global_model.pt')`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(markdown: str, path: Path) -> str:
+    """report.md as one self-contained HTML page: every image in `path` embedded as a data URI."""
+    def embed(match: re.Match) -> str:
+        image = path / match.group(2)
+        if not image.exists():
+            return match.group(0)
+        data = base64.b64encode(image.read_bytes()).decode()
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    body = MarkdownIt("commonmark").enable("table").render(re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", embed, markdown))
+    return (
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>fedclinic report</title><style>"
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em}"
+        "img{max-width:100%}pre{background:#f4f4f4;padding:.5em}</style></head><body>\n"
+        f"{body}</body></html>\n"
+    )
+
+
+def write_reports(results: dict, path: Path) -> None:
+    """report.md and report.html into the run directory `path`."""
+    markdown = render_report(results, path)
+    (path / "report.md").write_text(markdown)
+    (path / "report.html").write_text(render_html(markdown, path))
