@@ -196,8 +196,10 @@ def write_sweep(rows: list[dict], sweep_dir: Path) -> list[Path]:
 
 def format_points(rows: list[dict]) -> str:
     """The short table `fedclinic sweep` ends with."""
-    lines = [f"{'point':<20}  {'eps spent':>9}  {'accuracy':>8}  {'f1':>6}  {'IoU':>6}", "-" * 57]
+    lines = [f"{'point':<20}  {'eps spent':>9}  {'accuracy':>8}  {'f1':>6}  {'IoU':>6}  {'robust':>6}  {'MIA AUC':>7}",
+             "-" * 74]
     for r in rows:
         lines.append(f"{r['point']:<20}  {_cell(r['max_epsilon'], '.2f'):>9}  {_cell(r['accuracy']):>8}  "
-                     f"{_cell(r['f1']):>6}  {_cell(r['iou']):>6}")
+                     f"{_cell(r['f1']):>6}  {_cell(r['iou']):>6}  {_cell(r['robust_accuracy']):>6}  "
+                     f"{_cell(r['audit_auc']):>7}")
     return "\n".join(lines)

@@ -197,6 +197,34 @@ def test_audit_run_writes_the_documented_json_and_the_roc_plot(tmp_path):
     assert audit_run(tmp_path)["auc"] == audit["auc"]  # the same run gives the same audit
 
 
+def test_fedclinic_audit_adds_the_audit_to_the_runs_results_and_reports(tmp_path, capsys):
+    from fedclinic.cli import main
+
+    # Prepare: a finished run's results.json without an audit
+    tiny_run(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps(minimal_results(tmp_path.name)))
+    # Execute
+    assert main(["audit", str(tmp_path)]) == 0
+    # Assert
+    out = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert results["audit"]["auc"] == audit["auc"] and "curve" not in results["audit"]
+    assert f"AUC {audit['auc']:.3f}" in out
+    assert "Empirical audit" in (tmp_path / "report.md").read_text()
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()  # the ROC, embedded
+    assert main(["audit", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def minimal_results(name: str) -> dict:
+    """The results.json of a 0-round, non-private run: just what the report needs."""
+    return {"run": name, "config": {"data.path": ""}, "sites": [], "rounds": [],
+            "final": {"accuracy": None, "f1": None, "iou": None},
+            "privacy": {"mode": "off", "record_level": None, "central": None}, "stop_reason": None,
+            "timings": {"server_seconds": 0.0, "site_train_seconds": 0.0, "central_eval_seconds": 0.0}}
+
+
 def test_synthetic_non_members_are_fresh_scans_of_the_site_never_its_own():
     config = load_config(None, TINY)
     train, val = site_data(config.data, 1, 2)
