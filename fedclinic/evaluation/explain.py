@@ -219,7 +219,7 @@ def plot_explanations(model: nn.Module, data: ImageSet, path: Path, *, per_class
     rows = sample_indices(data, per_class, seed)
     columns = per_class * (1 + len(METHODS))
     # a Figure of its own, not pyplot's: no display backend and no global figure list
-    fig = Figure(figsize=(1.3 * columns, 1.6 * len(rows)))
+    fig = Figure(figsize=(1.3 * columns, 1.85 * len(rows)))  # room for two-line titles between rows
     axes = fig.subplots(len(rows), columns, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
