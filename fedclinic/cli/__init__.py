@@ -8,9 +8,11 @@
     fedclinic ledger show runs/NAME/sites/site-0                    # what a site has spent
     fedclinic audit runs/NAME                                       # membership inference on the global model
     fedclinic evaluate --model runs/NAME/global_model.pt --data scans.npz --attack pgd --eps 2/255 8/255
+    fedclinic certs --out certs --hosts localhost,127.0.0.1 --supernodes 3   # TLS + SuperNode auth files
 
 run.py holds the commands that run federations, privacy.py the privacy
-commands, evaluate.py `fedclinic evaluate`, options.py what simulate and sweep share.
+commands, evaluate.py `fedclinic evaluate`, certs.py `fedclinic certs`, options.py what
+simulate and sweep share.
 """
 
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedclinic.cli.certs import certs, certs_parser
 from fedclinic.cli.evaluate import evaluate, evaluate_parser
 from fedclinic.cli.privacy import audit_parser, budget_parser, ledger_parser, audit, budget, ledger
 from fedclinic.cli.run import simulate_parser, sweep_parser, simulate, sweep
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ledger_parser(sub)
     audit_parser(sub)
     evaluate_parser(sub)
+    certs_parser(sub)
     args = parser.parse_args(argv)
     from fedclinic.privacy.audit import AuditError
     from fedclinic.privacy.ledger import LedgerError
@@ -42,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         commands = {"simulate": simulate, "budget": budget, "sweep": sweep, "ledger": ledger, "audit": audit,
-                    "evaluate": evaluate}
+                    "evaluate": evaluate, "certs": certs}
         return commands[args.command](args)
     except (ConfigError, DataError, SimulationError, LedgerError, AuditError) as err:
         print(f"fedclinic: error: {err}", file=sys.stderr)

@@ -1,0 +1,1 @@
+"""What a Flower Deployment Engine federation needs on disk: TLS certificates and SuperNode keys."""
