@@ -1,0 +1,210 @@
+"""The typed configuration of a fedclinic run: defaults, TOML file, --set overrides.
+
+    fedclinic simulate --config my.toml --set privacy.target-epsilon=3
+
+One frozen dataclass per concern (sections.py). Keys are the dotted kebab-case names of
+Flower's run-config (`privacy.target-epsilon`), so the same key works in a
+TOML file, in `--set`, and in `flwr run . --run-config "..."`. The defaults
+here and in `[tool.flwr.app.config]` of pyproject.toml are one truth
+(tests/test_config.py fails when they drift).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedclinic.config.sections import (  # noqa: F401 (the public names of fedclinic.config)
+    ConfigError,
+    _require,
+    DataConfig,
+    ModelConfig,
+    TrainingConfig,
+    MODES,
+    PrivacyConfig,
+    FederationConfig,
+    ATTACKS,
+    NORMS,
+    TRAIN_ATTACKS,
+    parse_eps_list,
+    RobustnessConfig,
+    CompressionConfig,
+    ExplainConfig,
+    OutputConfig,
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_flat(self) -> dict[str, Any]:
+        """The run-config form: {"privacy.target-epsilon": 8.0, ...}."""
+        flat = {}
+        for section in fields(self):
+            part = getattr(self, section.name)
+            for f in fields(part):
+                flat[f"{section.name}.{f.name.replace('_', '-')}"] = getattr(part, f.name)
+        return flat
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML, readable back by `load_config`."""
+        lines = []
+        for section in fields(self):
+            lines.append(f"[{section.name}]")
+            part = getattr(self, section.name)
+            for f in fields(part):
+                lines.append(f"{f.name.replace('_', '-')} = {_toml_value(getattr(part, f.name))}")
+            lines.append("")
+        return "\n".join(lines)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> "Config":
+        """Build from dotted kebab-case keys; unknown keys and wrong types are refused."""
+        by_section: dict[str, dict[str, Any]] = {}
+        known = VALID_KEYS
+        for key, value in flat.items():
+            if key not in known:
+                raise ConfigError(_unknown_key_message(key))
+            section, name = key.split(".", 1)
+            by_section.setdefault(section, {})[name.replace("-", "_")] = _coerce(key, value)
+        parts = {}
+        for section in fields(cls):
+            part_cls = section.default_factory  # type: ignore[misc]
+            parts[section.name] = part_cls(**by_section.get(section.name, {}))
+        return cls(**parts)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+DEFAULTS: dict[str, Any] = Config().to_flat()
+VALID_KEYS = frozenset(DEFAULTS)
+
+
+def _unknown_key_message(key: str) -> str:
+    near = difflib.get_close_matches(key, sorted(VALID_KEYS), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else "; run `fedclinic simulate --help` for the keys"
+    return f"unknown configuration key {key!r}{hint}"
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check a value against the type of its default; ints are accepted for floats."""
+    default = DEFAULTS[key]
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"{key} must be a {type(default).__name__}, got {value!r}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`privacy.target-epsilon=3` -> ("privacy.target-epsilon", 3.0); bare words are strings."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = (s.strip() for s in text.split("=", 1))
+    if key not in VALID_KEYS:
+        raise ConfigError(_unknown_key_message(key))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # an unquoted string such as a file path
+    return key, value
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file, then `key=value` overrides, validated."""
+    flat = dict(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        for key, value in _flatten(table).items():
+            if key not in VALID_KEYS:
+                raise ConfigError(f"in {str(path)!r}: {_unknown_key_message(key)}")
+            flat[key] = value
+    for text in overrides:
+        key, value = parse_override(text)
+        flat[key] = value
+    return Config.from_flat(flat)
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Config:
+    """The Config of a Flower run (`context.run_config`): only known keys are read."""
+    return Config.from_flat({k: v for k, v in run_config.items() if k in VALID_KEYS})
+
+
+def check_sites(config: Config, site_sizes: list[int]) -> None:
+    """Refuse settings that the sites' actual sizes make impossible."""
+    _require(len(site_sizes) >= 1, "the federation has no site; at least one is needed")
+    smallest = min(site_sizes)
+    site = site_sizes.index(smallest)
+    _require(
+        config.training.batch_size <= smallest,
+        f"training.batch-size={config.training.batch_size} is larger than site {site}, "
+        f"which has only {smallest} training images",
+    )
+    if config.privacy.local:
+        _require(
+            config.privacy.delta < 1 / smallest,
+            f"privacy.delta={config.privacy.delta} must be below 1/{smallest} "
+            f"(site {site} has {smallest} training images); choose a smaller delta",
+        )
+    sites = len(site_sizes)
+    if config.privacy.central:
+        _require(
+            config.privacy.central_delta < 1 / sites,
+            f"privacy.central-delta={config.privacy.central_delta} must be below 1/{sites} "
+            f"(the federation has {sites} sites); choose a smaller delta",
+        )
+    unknown = sorted(k for k in config.privacy.budgets() if not 0 <= k < sites)
+    _require(
+        not unknown,
+        f"privacy.site-budgets names site {unknown[0] if unknown else ''}, "
+        f"but the sites are numbered 0 to {sites - 1}",
+    )
+
+
+def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
+    """A copy with some fields changed: replace(cfg, privacy={"mode": "off"})."""
+    parts = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
+    return dataclasses.replace(config, **parts)
