@@ -22,7 +22,7 @@ from fedclinic import __version__
 from fedclinic.config import Config
 from fedclinic.model import save_model
 from fedclinic.plots import plot_central, plot_epsilon
-from fedclinic.report_text import _fmt, format_table, write_reports  # noqa: F401 (format_table: for the CLI)
+from fedclinic.report_text import format_metric, format_table, write_reports  # noqa: F401 (format_table: for the CLI)
 
 
 def run_directory(config: Config) -> Path:
@@ -194,6 +194,6 @@ def format_progress(row: dict, rounds: int) -> str:
     if row.get("fgsm_accuracy") is not None:
         central += f"  FGSM accuracy {row['fgsm_accuracy']:.3f}"
     return (
-        f"{head:>13}: accuracy {_fmt(row['accuracy'])}  IoU {_fmt(row['iou'])}  "
+        f"{head:>13}: accuracy {format_metric(row['accuracy'])}  IoU {format_metric(row['iou'])}  "
         f"max record eps {row['max_epsilon']:.2f}{central}  sites {row['sites_trained']}  [{row['elapsed']:.0f} s]"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 from markdown_it import MarkdownIt
 
 
-def _fmt(value, spec: str = ".3f") -> str:
+def format_metric(value, spec: str = ".3f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
@@ -24,8 +24,8 @@ def format_table(results: dict) -> str:
     extra = f"  {'site eps':>8}" if central else ""
     lines = [f"{'round':>5}  {'accuracy':>8}  {'IoU':>6}  {'rec eps':>7}{extra}", "-" * (33 + len(extra))]
     for r in results["rounds"]:
-        site_eps = f"  {_fmt(r['central_epsilon'], '.2f'):>8}" if central else ""
-        lines.append(f"{r['round']:>5}  {_fmt(r['accuracy']):>8}  {_fmt(r['iou']):>6}  {r['max_epsilon']:>7.2f}{site_eps}")
+        site_eps = f"  {format_metric(r['central_epsilon'], '.2f'):>8}" if central else ""
+        lines.append(f"{r['round']:>5}  {format_metric(r['accuracy']):>8}  {format_metric(r['iou']):>6}  {r['max_epsilon']:>7.2f}{site_eps}")
     return "\n".join(lines)
 
 
@@ -57,7 +57,7 @@ def _privacy_section(results: dict) -> list[str]:
             f"**Site-level DP** (central, Flower's server-side fixed clipping): each site's update was clipped to "
             f"L2 norm {c['clipping_norm']} and "
             f"Gaussian noise (multiplier {c['noise_multiplier']}) was added to the aggregate. "
-            f"Site-level epsilon = {_fmt(c['epsilon'])} at delta = {c['delta']:g} (Flower's RDP accountant, no "
+            f"Site-level epsilon = {format_metric(c['epsilon'])} at delta = {c['delta']:g} (Flower's RDP accountant, no "
             "amplification by sampling claimed). It protects whether a hospital took part and what it sent.",
             "",
         ]
@@ -89,11 +89,11 @@ def _robustness_section(rob: dict) -> list[str]:
         "",
         "| eps | eps × 255 | accuracy | IoU |",
         "| ---: | ---: | ---: | ---: |",
-        f"| 0 | 0 | {_fmt(rob['clean_accuracy'])} | {_fmt(rob['clean_iou'])} |",
+        f"| 0 | 0 | {format_metric(rob['clean_accuracy'])} | {format_metric(rob['clean_iou'])} |",
     ]
     for a in rob["attacks"]:
-        lines.append(f"| {a['eps']:.4f} | {a['eps'] * 255:.1f} | {_fmt(a['robust_accuracy'])} | "
-                     f"{_fmt(a['iou_under_attack'])} |")
+        lines.append(f"| {a['eps']:.4f} | {a['eps'] * 255:.1f} | {format_metric(a['robust_accuracy'])} | "
+                     f"{format_metric(a['iou_under_attack'])} |")
     return lines + [""]
 
 
@@ -113,11 +113,11 @@ def _compression_section(comp: dict) -> list[str]:
         f"{comp['speedup_b1']:.2f}× faster |",
         f"| ms per image, batch 64 | {before['ms_per_image_b64']:.3f} | {after['ms_per_image_b64']:.3f} | "
         f"{comp['speedup_b64']:.2f}× faster |",
-        f"| accuracy | {_fmt(before['accuracy'])} | {_fmt(after['accuracy'])} | "
-        f"{_fmt(comp['accuracy_change'] * 100, '+.1f')} points |",
-        f"| IoU | {_fmt(before['iou'])} | {_fmt(after['iou'])} | {_fmt(comp['iou_change'], '+.3f')} |",
-        f"| robust accuracy (transfer) | {_fmt(before['robust_accuracy'])} | {_fmt(after['robust_accuracy'])} | "
-        f"{_fmt(comp['robust_accuracy_change'], '+.3f')} |",
+        f"| accuracy | {format_metric(before['accuracy'])} | {format_metric(after['accuracy'])} | "
+        f"{format_metric(comp['accuracy_change'] * 100, '+.1f')} points |",
+        f"| IoU | {format_metric(before['iou'])} | {format_metric(after['iou'])} | {format_metric(comp['iou_change'], '+.3f')} |",
+        f"| robust accuracy (transfer) | {format_metric(before['robust_accuracy'])} | {format_metric(after['robust_accuracy'])} | "
+        f"{format_metric(comp['robust_accuracy_change'], '+.3f')} |",
         "",
         f"The two models predict the same class for {comp['agreement']:.1%} of the images.",
         "",
@@ -136,8 +136,8 @@ def _explanations_section(found: dict) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for method, s in found.items():
-        lines.append(f"| {method.replace('_', ' ')} | {_fmt(s['mass_in_box'])} | {_fmt(s['chance_mass'])} | "
-                     f"{_fmt(s['pointing_hit_rate'])} | {s['images']} |")
+        lines.append(f"| {method.replace('_', ' ')} | {format_metric(s['mass_in_box'])} | {format_metric(s['chance_mass'])} | "
+                     f"{format_metric(s['pointing_hit_rate'])} | {s['images']} |")
     return lines + ["", "![explanations](explanations.png)", ""]
 
 
@@ -168,8 +168,8 @@ def render_report(results: dict, path: Path) -> str:
     lines += [
         "",
         "## The global model on the server's held-out test set",
-        f"Final accuracy {_fmt(final['accuracy'])}, macro-F1 {_fmt(final['f1'])}, mean IoU of lesion boxes "
-        f"{_fmt(final['iou'])} (n/a means the data has no boxes).",
+        f"Final accuracy {format_metric(final['accuracy'])}, macro-F1 {format_metric(final['f1'])}, mean IoU of lesion boxes "
+        f"{format_metric(final['iou'])} (n/a means the data has no boxes).",
         "",
         "```",
         format_table(results),

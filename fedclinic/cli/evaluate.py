@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from fractions import Fraction
 
 from fedclinic.config import ConfigError, DataConfig
 from fedclinic.data import DataError
 from fedclinic.report import json_safe
+from fedclinic.report_text import format_metric
 
 # budgets in pixel units of images in [0, 1]: 1 to 8 grey levels for L-inf;
 # an L2 ball of radius 0.5 holds, e.g., a change of 0.5 / 32 on every pixel of a 32 x 32 scan
@@ -120,7 +120,7 @@ def _evaluate_onnx(args, data, data_name: str, *, eps, device, settings: dict) -
 
 def format_transfer(found: dict) -> str:
     lines = [f"{found['model']} on {found['n']} test images of {found['data']}: accuracy {found['clean_accuracy']:.3f}, "
-             f"box IoU {_show(found['clean_iou'])}"]
+             f"box IoU {format_metric(found['clean_iou'])}"]
     if found["transfer_from"] is None:
         lines.append("(an .onnx model has no gradients: add --transfer-from global_model.pt to attack it through the "
                      "float model)")
@@ -138,11 +138,11 @@ def format_robustness(found: dict) -> str:
     lines = [
         f"{found['model']} on {found['n']} test images of {found['data']}, {how}:",
         f"{'eps':>16}  {'accuracy':>8}  {'box IoU':>7}  {'accuracy, box attacked':>22}",
-        f"{'clean':>16}  {found['clean_accuracy']:>8.3f}  {_show(found['clean_iou']):>7}",
+        f"{'clean':>16}  {found['clean_accuracy']:>8.3f}  {format_metric(found['clean_iou']):>7}",
     ]
     for row in found["attacks"]:
         eps = f"{row['eps']:.4g}" + (f" ({row['eps'] * 255:.3g}/255)" if found["norm"] == "linf" else "")
-        lines.append(f"{eps:>16}  {row['robust_accuracy']:>8.3f}  {_show(row['iou_under_attack']):>7}  "
+        lines.append(f"{eps:>16}  {row['robust_accuracy']:>8.3f}  {format_metric(row['iou_under_attack']):>7}  "
                      f"{row['accuracy_under_box_attack']:>22.3f}")
     lines.append("accuracy: the class head attacked; box IoU and 'accuracy, box attacked': the box head attacked")
     return "\n".join(lines)
@@ -176,7 +176,3 @@ def _check_fits(model, model_path: str, data, data_name: str) -> None:
     if len(data) and data.labels.max() >= arch["num_classes"]:
         raise DataError(f"{data_name}: holds label {data.labels.max()} but the model {model_path} knows "
                         f"{arch['num_classes']} classes (labels 0 to {arch['num_classes'] - 1})")
-
-
-def _show(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.3f}"

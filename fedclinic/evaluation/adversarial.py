@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedclinic.config.sections import ATTACKS
 from fedclinic.data.imageset import ImageSet
 from fedclinic.evaluation.metrics import batches, box_iou, eval_mode, evaluate
 from fedclinic.model import per_example_losses
 
-ATTACKS = ("fgsm", "pgd")
 TARGETS = ("class", "box")
 
 # PGD's default step size is STEP_FRACTION * eps / steps: large enough to cross

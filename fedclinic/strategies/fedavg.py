@@ -69,14 +69,12 @@ class SiteRounds(Strategy):
         self.site_metrics: list[dict] = []  # one dict per (round, site) that replied, declined ones too
         self.declines: list[str] = []  # each site's reason, the first round it declined
         self.stop_reason = ""
-        self._arrays: ArrayRecord | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.stop_reason:
             raise FederationStopped(self.stop_reason, arrays, server_round - 1)
-        self._arrays = arrays
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
