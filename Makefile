@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedclinic-installed
 ARGS ?=
 
-.PHONY: run test bench clean
+.PHONY: run deploy-demo test bench clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/fedclinic simulate $(ARGS)
+
+deploy-demo: $(STAMP)
+	$(BIN)/fedclinic demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest -q $(ARGS)

@@ -52,13 +52,15 @@ def json_safe(value):
 class RunRecorder:
     """Collects a run's numbers as they arrive and writes the run directory at the end."""
 
-    def __init__(self, path: Path, config: Config, *, started: float) -> None:
+    def __init__(self, path: Path, config: Config, *, started: float, resumed: list[dict] | None = None) -> None:
+        """`resumed`: the rounds recorded before the server stopped, when it resumes from its checkpoint."""
         self.path = path
         self.config = config
         self.started = started
-        self.central: list[dict] = []  # one dict per round, round 0 = the initial model
+        self.central: list[dict] = list(resumed or [])  # one dict per round, round 0 = the initial model
         (path / "config.toml").write_text(config.to_toml())
-        (path / "progress.jsonl").write_text("")
+        if not resumed:
+            (path / "progress.jsonl").write_text("")
 
     def note(self, message: str) -> None:
         """A line of progress that is not a round (the post-training steps), for the command to show."""

@@ -198,3 +198,12 @@ def test_the_core_functions_reject_bad_values():
         make_supernode_keys(0)
     with pytest.raises(ValueError, match="at least 1 SuperNode"):
         write_certs("unused", ["localhost"], 0)
+
+
+def test_the_superlink_certificate_always_names_loopback_for_flowers_own_superexec(tmp_path):
+    # the SuperExec that starts each ServerApp dials the SuperLink on 127.0.0.1 and checks this certificate
+    write_certs(tmp_path, hosts=["superlink.hospital.org", "10.0.0.5"])
+    cert = x509.load_pem_x509_certificate((tmp_path / "superlink.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = san.get_values_for_type(x509.DNSName) + [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    assert sorted(names) == sorted(["superlink.hospital.org", "10.0.0.5", "localhost", "127.0.0.1"])

@@ -6,7 +6,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedclinic.clients.app import app
-from fedclinic.config import load_config
+from fedclinic.config import ConfigError, load_config
 from fedclinic.model import MultiTaskNet
 from fedclinic.privacy.accounting import plan_sites, rounds_within
 from fedclinic.privacy.ledger import Ledger
@@ -101,3 +101,66 @@ def test_a_site_declines_the_round_that_would_exceed_its_budget_and_spends_nothi
     assert "would reach" in replies[2].content["status"]["declined"]
     ledger = Ledger.open(tmp_path / "state", site=0)
     assert [e.round for e in ledger.entries] == [1, 2] and ledger.epsilon() <= budget
+
+
+def test_a_deployed_site_sends_back_only_model_arrays_and_scalar_metrics(flower_task, tmp_path):
+    # Prepare: a deployed SuperNode's node config: its site id, its own file and state directory
+    site_file(tmp_path / "site.npz", 96)
+    config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
+    model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
+    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 2, "data-path": str(tmp_path / "site.npz"),
+                                                    "state-dir": str(tmp_path / "state")},
+                  state=RecordDict(), run_config=config.to_flat())
+    # Execute
+    reply = app(message("train", model, tmp_path / "unused"), ctx)
+    # Assert: one ArrayRecord shaped exactly like the model it was sent, one MetricRecord of
+    # scalars, nothing else: no images, labels, boxes, per-example losses or file paths
+    assert not reply.has_error(), reply.error
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    sent, back = model.state_dict(), reply.content["arrays"].to_torch_state_dict()
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in sent.items()}
+    metrics = dict(reply.content["metrics"])
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    assert set(metrics) == {"num-examples", "site-weight", "site", "declined", "train-loss", "train-seconds", "steps",
+                            "sigma", "sample-rate", "epsilon", "budget", "delta", "rounds-trained"}
+    assert metrics["site"] == 2 and metrics["num-examples"] == 96
+    assert Ledger.open(tmp_path / "state", site=2).rounds_trained == 1
+
+
+def test_a_deployed_site_too_small_for_the_batch_says_so_in_its_reply(flower_task, tmp_path):
+    site_file(tmp_path / "site.npz", 40)
+    config = load_config(None, ["training.batch-size=64"])
+    model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
+    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 1, "data-path": str(tmp_path / "site.npz"),
+                                                    "state-dir": str(tmp_path / "state")},
+                  state=RecordDict(), run_config=config.to_flat())
+    # the runtime turns the exception into the error reply the server logs
+    with pytest.raises(ConfigError, match="training.batch-size=64 is larger than site 1, which has only 40 training"):
+        app(message("train", model, tmp_path / "unused"), ctx)
+    assert not (tmp_path / "state" / "ledger.json").exists()  # nothing spent
+
+
+def test_a_round_asked_again_from_the_same_model_resends_its_update_and_spends_nothing(flower_task, tmp_path):
+    # Prepare: a deployed site that trained rounds 1 and 2 (a server restarted from its round-1
+    # checkpoint asks for round 2 again, from the same global model)
+    site_file(tmp_path / "site.npz", 96)
+    config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
+    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 0, "data-path": str(tmp_path / "site.npz"),
+                                                    "state-dir": str(tmp_path / "state")},
+                  state=RecordDict(), run_config=config.to_flat())
+    torch.manual_seed(0)
+    model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
+    app(message("train", model, tmp_path, server_round=1), ctx)
+    first = app(message("train", model, tmp_path, server_round=2), ctx)
+    # Execute
+    again = app(message("train", model, tmp_path, server_round=2), ctx)
+    # Assert: the same update, the same epsilon, one ledger entry per round
+    a, b = first.content["arrays"].to_torch_state_dict(), again.content["arrays"].to_torch_state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again.content["metrics"]["epsilon"] == first.content["metrics"]["epsilon"]
+    assert again.content["metrics"]["declined"] == 0
+    assert [e.round for e in Ledger.open(tmp_path / "state", site=0).entries] == [1, 2]
+    # a different global model for round 2 is a new release: trained and recorded
+    other = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
+    app(message("train", other, tmp_path, server_round=2), ctx)
+    assert [e.round for e in Ledger.open(tmp_path / "state", site=0).entries] == [1, 2, 2]

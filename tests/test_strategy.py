@@ -106,3 +106,11 @@ def test_central_dp_wraps_fedavg_in_flowers_accounted_fixed_clipping(flower_task
     assert dp.strategy.weighted_by_key == "site-weight"  # every site weighs the same under central DP
     assert strategy.central_epsilon() == 0.0  # nothing released yet
     assert build_strategy(LOCAL, sites=6, rounds=4).central_epsilon() is None
+
+
+def test_a_failed_sites_reason_reads_as_one_line():
+    from fedclinic.strategies.fedavg import failure
+
+    assert failure("<class 'fedclinic.data.files.DataError'>:<'/x/site.npz: is not an .npz archive'>") == \
+        "DataError: /x/site.npz: is not an .npz archive"
+    assert failure("Error: Node Unavailable — no heartbeat\n") == "Error: Node Unavailable — no heartbeat"

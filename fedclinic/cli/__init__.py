@@ -9,9 +9,10 @@
     fedclinic audit runs/NAME                                       # membership inference on the global model
     fedclinic evaluate --model runs/NAME/global_model.pt --data scans.npz --attack pgd --eps 2/255 8/255
     fedclinic certs --out certs --hosts localhost,127.0.0.1 --supernodes 3   # TLS + SuperNode auth files
+    fedclinic demo                                       # SuperLink + 3 SuperNodes on loopback, TLS + auth
 
 run.py holds the commands that run federations, privacy.py the privacy
-commands, evaluate.py `fedclinic evaluate`, certs.py `fedclinic certs`, options.py what
+commands, evaluate.py `fedclinic evaluate`, certs.py `fedclinic certs`, deploy.py `fedclinic demo`, options.py what
 simulate and sweep share.
 """
 
@@ -22,6 +23,7 @@ import argparse
 import sys
 
 from fedclinic.cli.certs import certs, certs_parser
+from fedclinic.cli.deploy import demo, demo_parser
 from fedclinic.cli.evaluate import evaluate, evaluate_parser
 from fedclinic.cli.privacy import audit_parser, budget_parser, ledger_parser, audit, budget, ledger
 from fedclinic.cli.run import simulate_parser, sweep_parser, simulate, sweep
@@ -39,16 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     audit_parser(sub)
     evaluate_parser(sub)
     certs_parser(sub)
+    demo_parser(sub)
     args = parser.parse_args(argv)
     from fedclinic.privacy.audit import AuditError
     from fedclinic.privacy.ledger import LedgerError
-    from fedclinic.simulation import SimulationError
+    from fedclinic.deployment.processes import FlowerError
+    from fedclinic.server.checkpoint import CheckpointError
 
     try:
         commands = {"simulate": simulate, "budget": budget, "sweep": sweep, "ledger": ledger, "audit": audit,
-                    "evaluate": evaluate, "certs": certs}
+                    "evaluate": evaluate, "certs": certs, "demo": demo}
         return commands[args.command](args)
-    except (ConfigError, DataError, SimulationError, LedgerError, AuditError) as err:
+    except (ConfigError, DataError, FlowerError, LedgerError, AuditError, CheckpointError) as err:
         print(f"fedclinic: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

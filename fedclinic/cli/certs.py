@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from fedclinic.config import ConfigError
-from fedclinic.deployment.certs import DEFAULT_HOSTS, write_certs
+from fedclinic.deployment.certs import DEFAULT_HOSTS, superlink_hosts, write_certs
 
 
 def certs_parser(sub) -> None:
@@ -39,7 +39,7 @@ def certs(args: argparse.Namespace) -> int:
         paths = write_certs(args.out, hosts, args.supernodes, days=args.days, force=args.force)
     except (ValueError, FileExistsError) as err:
         raise ConfigError(str(err)) from None
-    print(format_summary(paths, hosts))
+    print(format_summary(paths, superlink_hosts(hosts)))
     return 0
 
 

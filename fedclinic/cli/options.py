@@ -40,11 +40,24 @@ def resolve(args: argparse.Namespace, *, default_name: str | None = None) -> Con
     config = load_config(args.config, overrides)
     name = config.output.name or default_name or time.strftime("%Y%m%d-%H%M%S")
     data_path = str(Path(config.data.path).resolve()) if config.data.path else ""
+    test_path = str(Path(config.data.test_path).resolve()) if config.data.test_path else ""
     return dc_replace(
         config,
-        data=dc_replace(config.data, path=data_path),
+        data=dc_replace(config.data, path=data_path, test_path=test_path),
         output=dc_replace(config.output, dir=str(Path(config.output.dir).resolve()), name=name),
     )
+
+
+def resolve_resume(args: argparse.Namespace) -> Config:
+    """The Config of the run in args.resume, to continue from its checkpoint (--set still applies)."""
+    from fedclinic.server.checkpoint import load_checkpoint
+
+    run_dir = Path(args.resume).resolve()
+    found = load_checkpoint(run_dir)  # refuses a directory with nothing to resume, before anything starts
+    config = load_config(run_dir / "config.toml", list(args.set))
+    if found["round"] >= config.federation.rounds and (run_dir / "results.json").exists():
+        raise ConfigError(f"{run_dir} finished all {config.federation.rounds} rounds; there is nothing to resume")
+    return dc_replace(config, output=dc_replace(config.output, dir=str(run_dir.parent), name=run_dir.name, resume=True))
 
 
 def check_budget(config: Config, smallest_site: int) -> None:

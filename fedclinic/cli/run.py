@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fedclinic.cli.options import add_run_options, check_config, describe_privacy, progress_printer, resolve
+from fedclinic.cli.options import (add_run_options, check_config, describe_privacy, progress_printer, resolve,
+                                   resolve_resume)
 from fedclinic.cli.privacy import audit_into_run, format_audit
 from fedclinic.config import DEFAULTS, Config, ConfigError
 
@@ -22,6 +23,9 @@ def simulate_parser(sub) -> None:
         "Configuration keys (for --set and --config files): " + ", ".join(sorted(DEFAULTS)),
     )
     add_run_options(p, name_help="name of this run's directory (output.name, default a timestamp)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a run whose server stopped, from its checkpoint.pt, with its own config.toml "
+                        "(--set still applies); it ends with the number of rounds that run was given")
 
 
 def run_once(config: Config, run_dir: Path, say: Callable[[str], None]) -> dict:
@@ -68,15 +72,24 @@ def post_training_summary(results: dict) -> list[str]:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from fedclinic.report import format_table, run_directory
+    from fedclinic.report import run_directory
 
-    config = resolve(args)
+    config = resolve_resume(args) if args.resume else resolve(args)
     check_config(config)
     run_dir = run_directory(config)
     say = progress_printer(config)
     fed = config.federation
-    say(f"fedclinic: {fed.sites} sites, {fed.rounds} rounds, {describe_privacy(config)} -> {run_dir}")
+    what = "resuming" if config.output.resume else "fedclinic:"
+    say(f"{what} {fed.sites} sites, {fed.rounds} rounds, {describe_privacy(config)} -> {run_dir}")
     results = run_once(config, run_dir, say)
+    print_results(results, run_dir)
+    return 0
+
+
+def print_results(results: dict, run_dir: Path) -> None:
+    """The round table and one line per finding: what simulate and demo print at the end."""
+    from fedclinic.report import format_table
+
     print(format_table(results))
     for site in results["sites"]:
         if site["stopped_in_round"]:
@@ -90,7 +103,6 @@ def simulate(args: argparse.Namespace) -> int:
         print(line)
     print(f"run directory: {run_dir}  (report.html, report.md, results.json, metrics.csv, global_model.pt, "
           "global_model.int8.onnx, plots)")
-    return 0
 
 
 def sweep_parser(sub) -> None:

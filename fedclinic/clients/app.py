@@ -20,12 +20,13 @@ def _site(msg: Message, context: Context) -> Site:
     """Who this site is, from its node config.
 
     Simulation sets partition-id / num-partitions. A deployed SuperNode is
-    started with --node-config "data-path='site.npz' state-dir='...' max-epsilon=3"
+    started with --node-config "site-id=3 data-path='site.npz' state-dir='...' max-epsilon=3"
     and reads only its own file; its ledger lives in its state-dir, and
     max-epsilon (optional) is its own record-level budget.
     """
     node = context.node_config
-    index, count = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
+    index = int(node.get("site-id", node.get("partition-id", 0)))
+    count = int(node.get("num-partitions", 1))
     data_path = node.get("data-path")
     state_dir = node.get("state-dir")
     max_epsilon = node.get("max-epsilon")

@@ -6,13 +6,16 @@ calls and the returned dicts back into records.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fedclinic.clients.training import resolve_device, train_locally
-from fedclinic.config import Config
+from fedclinic.config import Config, check_site_size
 from fedclinic.data import ImageSet, load_site_file, site_data
 from fedclinic.evaluation import evaluate
 from fedclinic.model import MultiTaskNet
@@ -58,6 +61,8 @@ def train_round(config: Config, site: Site, state_dict: dict, *, server_round: i
 
 def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, server_round: int):
     train, _ = site.data(config)
+    if site.data_path is not None:  # a deployed site: only it knows its size, so it checks itself
+        check_site_size(config, len(train), site=site.index)
     budget = site.budget(config)
     sigma = 0.0
     if config.privacy.local:
@@ -73,6 +78,12 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
                 )
             )
         sigma = ledger.plan.noise_multiplier
+        repeat = _repeated_round(site, ledger, server_round, state_dict)
+        if repeat is not None:  # the server lost this round's aggregate (it was restarted): send the same update
+            state, stats = repeat
+            metrics = _round_metrics(config, site, ledger, min(budget, ledger.plan.target_epsilon),
+                                     num_examples=len(train), declined=False)
+            return state, {**metrics, **stats}, ""
         # the budget agreed when the plan was made binds too: a restart with a larger one cannot raise it
         budget = min(budget, ledger.plan.target_epsilon)
         after = ledger.epsilon_after_round()
@@ -94,14 +105,56 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
         noise_multiplier=sigma,
         seed=config.data.seed * 100_003 + site.index * 1009 + server_round,
     )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    stats = {"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,
+             "sigma": result.noise_multiplier, "sample-rate": result.sample_rate}
     if config.privacy.local:
         ledger.record(round=server_round, noise_multiplier=sigma, sample_rate=result.sample_rate, steps=result.steps)
+        _keep_reply(site, server_round, state_dict, state, stats)  # after the ledger: never a release it lacks
     metrics = _round_metrics(config, site, ledger, budget, num_examples=result.num_examples, declined=False)
-    metrics.update({"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,
-                    "sigma": result.noise_multiplier, "sample-rate": result.sample_rate,
-                    "rounds-trained": ledger.rounds_trained if config.privacy.local else server_round})
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    metrics.update({**stats, "rounds-trained": ledger.rounds_trained if config.privacy.local else server_round})
     return state, metrics, ""
+
+
+REPLY = "last_reply.pt"
+
+
+def _fingerprint(state_dict: dict) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        digest.update(key.encode())
+        digest.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _keep_reply(site: Site, server_round: int, sent: dict, state: dict, stats: dict) -> None:
+    """Keep the round's update beside the ledger (atomically), to resend if the server asks for this round again."""
+    if site.state_dir is None:
+        return
+    path = site.state_dir / REPLY
+    tmp = path.with_suffix(".tmp")
+    try:
+        torch.save({"round": server_round, "sent": _fingerprint(sent), "state": state, "stats": json.dumps(stats)}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _repeated_round(site: Site, ledger: Ledger, server_round: int, sent: dict) -> tuple[dict, dict] | None:
+    """(state, stats) of this very round, if the site already trained it from this very model, else None.
+
+    A server restarted from its checkpoint asks again for the round it lost.
+    Training again would spend the budget twice for one round; sending the
+    same update again is post-processing of a release already in the ledger,
+    and costs nothing more.
+    """
+    path = None if site.state_dir is None else site.state_dir / REPLY
+    if path is None or not path.exists() or not ledger.entries or ledger.entries[-1].round != server_round:
+        return None
+    kept = torch.load(path, map_location="cpu", weights_only=True)
+    if kept["round"] != server_round or kept["sent"] != _fingerprint(sent):
+        return None
+    return kept["state"], json.loads(kept["stats"])
 
 
 def _round_metrics(config: Config, site: Site, ledger: Ledger, budget: float, *, num_examples: int,

@@ -177,19 +177,27 @@ def check_sites(config: Config, site_sizes: list[int]) -> None:
     """Refuse settings that the sites' actual sizes make impossible."""
     _require(len(site_sizes) >= 1, "the federation has no site; at least one is needed")
     smallest = min(site_sizes)
-    site = site_sizes.index(smallest)
+    check_site_size(config, smallest, site=site_sizes.index(smallest))
+    check_federation(config, len(site_sizes))
+
+
+def check_site_size(config: Config, size: int, *, site: int) -> None:
+    """Refuse a batch or a delta that a site of `size` training images cannot have (a deployed site checks itself)."""
     _require(
-        config.training.batch_size <= smallest,
+        config.training.batch_size <= size,
         f"training.batch-size={config.training.batch_size} is larger than site {site}, "
-        f"which has only {smallest} training images",
+        f"which has only {size} training images",
     )
     if config.privacy.local:
         _require(
-            config.privacy.delta < 1 / smallest,
-            f"privacy.delta={config.privacy.delta} must be below 1/{smallest} "
-            f"(site {site} has {smallest} training images); choose a smaller delta",
+            config.privacy.delta < 1 / size,
+            f"privacy.delta={config.privacy.delta} must be below 1/{size} "
+            f"(site {site} has {size} training images); choose a smaller delta",
         )
-    sites = len(site_sizes)
+
+
+def check_federation(config: Config, sites: int) -> None:
+    """Refuse what the number of sites makes impossible: a site-level delta, budgets of sites that do not exist."""
     if config.privacy.central:
         _require(
             config.privacy.central_delta < 1 / sites,

@@ -39,6 +39,9 @@ class DataConfig:
     partitioner: str = "dirichlet"
     # size of the server's held-out synthetic test set
     test_size: int = 1000
+    # the server's own held-out .npz file (test_* keys), as in deployment where the server
+    # holds no site data; empty means data.path's test split, or the generated test set
+    test_path: str = ""
     # share of each site's partition kept aside as its local validation split
     val_fraction: float = 0.1
 
@@ -200,6 +203,12 @@ class FederationConfig:
     # share of sites asked to evaluate on their local validation split each round
     # (0 by default: site metrics on patient data are a release DP-SGD does not cover)
     fraction_evaluate: float = 0.0
+    # seconds the server waits for a round's replies; a site that has not answered by then
+    # (a SuperNode that died) is left out of that round
+    round_timeout: float = 600.0
+    # seconds a round waits before it starts for sites that are not connected (a SuperNode
+    # restarting after a crash); the round then starts with the sites that are
+    rejoin_wait: float = 30.0
     # CPU cores reserved for each simulated site
     client_cpus: int = 1
     # share of a GPU for each simulated site (0 = CPU only; 0.25 = four sites per GPU)
@@ -214,6 +223,8 @@ class FederationConfig:
             0 <= self.fraction_evaluate <= 1,
             f"federation.fraction-evaluate must be in [0, 1], got {self.fraction_evaluate}",
         )
+        _require(self.round_timeout > 0, f"federation.round-timeout must be > 0 seconds, got {self.round_timeout}")
+        _require(self.rejoin_wait >= 0, f"federation.rejoin-wait must be >= 0 seconds, got {self.rejoin_wait}")
         _require(self.client_cpus > 0, f"federation.client-cpus must be > 0, got {self.client_cpus}")
         _require(self.client_gpus >= 0, f"federation.client-gpus must be >= 0, got {self.client_gpus}")
 
@@ -309,3 +320,5 @@ class OutputConfig:
     name: str = ""
     # no progress lines, only the final table
     quiet: bool = False
+    # continue the run in output.dir/output.name from its checkpoint.pt (set by --resume RUN_DIR)
+    resume: bool = False

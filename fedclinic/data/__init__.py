@@ -22,7 +22,7 @@ import numpy as np
 
 from fedclinic.config import DataConfig
 from fedclinic.data import synthetic
-from fedclinic.data.files import DataError, load_file, load_site_file
+from fedclinic.data.files import DataError, load_file, load_site_file, load_test_file, save_file
 from fedclinic.data.imageset import ImageSet
 from fedclinic.data.partition import partition, split_train_val, val_count
 from fedclinic.data.synthetic import CLASS_NAMES
@@ -33,6 +33,8 @@ __all__ = [
     "ImageSet",
     "load_file",
     "load_site_file",
+    "load_test_file",
+    "save_file",
     "partition",
     "server_test_set",
     "site_data",
@@ -60,7 +62,9 @@ def site_data(cfg: DataConfig, site: int, num_sites: int) -> tuple[ImageSet, Ima
 
 
 def server_test_set(cfg: DataConfig) -> ImageSet:
-    """The server's held-out test set: generated (balanced, all kinds of scanners), or the file's test split."""
+    """The server's held-out test set: its own file, the data file's test split, or generated (balanced)."""
+    if cfg.test_path:
+        return load_test_file(cfg.test_path)
     if not cfg.path:
         return _synthetic_test_set(cfg)
     return load_file(cfg.path)["test"]

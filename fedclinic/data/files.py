@@ -2,6 +2,8 @@
 
     splits = load_file("pneumonia.npz")      # {"train": ImageSet, "val": ImageSet, "test": ImageSet}
     train, val = load_site_file("site3.npz")  # a deployed site's own file
+    test = load_test_file("server.npz")       # a deployed server's own held-out file
+    save_file("site3.npz", train=train, val=val)
 
 The keys of a file:
 
@@ -52,6 +54,28 @@ def load_site_file(path: str | Path) -> tuple[ImageSet, ImageSet]:
     """(train, val) of one site's own .npz file; its test_* keys may be absent."""
     splits = _load(path, required=("train", "val"))
     return splits["train"], splits["val"]
+
+
+def load_test_file(path: str | Path) -> ImageSet:
+    """The test split of a .npz file: the server's own held-out file in deployment (other keys optional)."""
+    return _load(path, required=("test",))["test"]
+
+
+def save_file(path: str | Path, **splits: ImageSet) -> Path:
+    """Write ImageSets as a MedMNIST-style .npz file that the loaders above accept, e.g. save_file(p, train=.., val=..)."""
+    arrays: dict[str, np.ndarray] = {}
+    for split, images in splits.items():
+        pixels = images.images.transpose(0, 2, 3, 1)  # N x H x W x C, as MedMNIST stores them
+        arrays[f"{split}_images"] = pixels[..., 0] if pixels.shape[-1] == 1 else pixels
+        arrays[f"{split}_labels"] = images.labels
+        if images.boxes is not None:
+            arrays[f"{split}_boxes"] = images.boxes
+        arrays["class_names"] = np.array(images.class_names)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
 
 
 def _load(path: str | Path, *, required: tuple[str, ...]) -> dict[str, ImageSet]:

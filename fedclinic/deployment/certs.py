@@ -160,13 +160,21 @@ def _write(path: Path, data: bytes, *, private: bool) -> None:
         os.chmod(path, 0o600)  # an overwritten file keeps its old mode otherwise
 
 
+def superlink_hosts(hosts: list[str] | tuple[str, ...]) -> list[str]:
+    """`hosts` plus localhost and 127.0.0.1: the SuperLink's own SuperExec reaches it on 127.0.0.1 and
+    checks the same certificate, so without them no run ever starts."""
+    return [*hosts, *(h for h in DEFAULT_HOSTS if h not in hosts)]
+
+
 def write_certs(out_dir: str | os.PathLike, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS,
                 supernodes: int = 1, *, days: int = 365, force: bool = False) -> dict[str, Path]:
     """Write ca.crt/key, superlink.crt/key and supernode-K(.pub) into `out_dir`; returns name -> path.
 
-    Refuses (FileExistsError) to overwrite any of them unless `force`; then nothing is written.
+    The SuperLink certificate names `superlink_hosts(hosts)`. Refuses
+    (FileExistsError) to overwrite any file unless `force`; then nothing is written.
     """
     parse_hosts(hosts)
+    hosts = superlink_hosts(hosts)
     _check_days(days)
     if supernodes < 1:
         raise ValueError(f"expected at least 1 SuperNode key, got {supernodes}")

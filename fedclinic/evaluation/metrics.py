@@ -14,10 +14,19 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert
 
 from fedclinic.data.imageset import ImageSet
 from fedclinic.model import multitask_loss
+
+
+def _cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    """(cx, cy, w, h) -> (x1, y1, x2, y2), the same arithmetic as torchvision's box_convert.
+
+    Written out rather than imported: `torchvision.ops` imports torch._dynamo
+    (over a second), and a deployed ClientApp pays every import once per message.
+    """
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
 
 
 def box_iou(pred: Tensor | np.ndarray, true: Tensor | np.ndarray) -> Tensor:
@@ -27,8 +36,8 @@ def box_iou(pred: Tensor | np.ndarray, true: Tensor | np.ndarray) -> Tensor:
     every pair, N x N). A NaN in a row gives NaN for that row; two boxes of
     zero area give 0.
     """
-    pred = box_convert(torch.as_tensor(pred, dtype=torch.float64), "cxcywh", "xyxy")
-    true = box_convert(torch.as_tensor(true, dtype=torch.float64), "cxcywh", "xyxy")
+    pred = _cxcywh_to_xyxy(torch.as_tensor(pred, dtype=torch.float64))
+    true = _cxcywh_to_xyxy(torch.as_tensor(true, dtype=torch.float64))
     top_left = torch.maximum(pred[:, :2], true[:, :2])
     bottom_right = torch.minimum(pred[:, 2:], true[:, 2:])
     intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)

@@ -14,30 +14,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedclinic.clients.training import resolve_device
-from fedclinic.config import check_sites, from_run_config
+from fedclinic.config import check_federation, check_sites, from_run_config
 from fedclinic.data import server_test_set, site_sizes
 from fedclinic.evaluation import evaluate
 from fedclinic.evaluation.adversarial import fgsm_check
 from fedclinic.model import MultiTaskNet
 from fedclinic.report import RunRecorder, run_directory
+from fedclinic.server.checkpoint import load_checkpoint, save_checkpoint
 from fedclinic.server.post_training import post_training, sample
-from fedclinic.strategies.fedavg import FederationStopped, build_strategy
+from fedclinic.strategies.fedavg import FederationStopped, build_strategy, wait_for_sites
 
 app = ServerApp()
-
-
-def wait_for_sites(grid: Grid, expected: int, *, timeout: float = 30.0) -> int:
-    """Wait until `expected` SuperNodes are connected (or `timeout`); returns how many are.
-
-    Without this, round 1 can start while the simulation is still registering
-    nodes, and some sites would silently miss it.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        count = len(list(grid.get_node_ids()))
-        if count >= expected or time.monotonic() > deadline:
-            return count
-        time.sleep(0.2)
 
 
 @app.main()
@@ -45,20 +32,29 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     config = from_run_config(context.run_config)
     fed = config.federation
-    nodes = wait_for_sites(grid, fed.sites)
+    # without this, round 1 can start while nodes are still registering and some sites would miss it
+    nodes = wait_for_sites(grid, fed.sites, timeout=30.0)
     if nodes != fed.sites:
         log(WARNING, "fedclinic: %d SuperNodes are connected but federation.sites=%d; "
             "in simulation pass --federation-config 'num-supernodes=%d'", nodes, fed.sites, fed.sites)
-    check_sites(config, site_sizes(config.data, max(nodes, 1)))
+    if config.data.test_path:  # deployed: the server holds no site data, each site checks its own size
+        check_federation(config, max(nodes, 1))
+    else:
+        check_sites(config, site_sizes(config.data, max(nodes, 1)))
 
     run_dir = run_directory(config)
-    recorder = RunRecorder(run_dir, config, started=started)
+    resumed = load_checkpoint(run_dir) if config.output.resume else None
+    recorder = RunRecorder(run_dir, config, started=started, resumed=resumed and resumed["state"]["central"])
     test_set = server_test_set(config.data)
     torch.manual_seed(config.data.seed)
     model = MultiTaskNet(in_channels=test_set.channels, num_classes=test_set.num_classes, width=config.model.width)
     device = resolve_device(config.training.device)
     model.to(device)
     strategy = build_strategy(config, sites=nodes, rounds=fed.rounds)
+    if resumed:
+        model.load_state_dict(resumed["arrays"])
+        strategy.load_state_dict(resumed["state"]["strategy"], finished_rounds=resumed["round"])
+        log(INFO, "fedclinic: resuming %s after round %d of %d", run_dir, resumed["round"], fed.rounds)
     check_eps = config.robustness.round_check_eps
     checked = sample(test_set, config.robustness.max_images, seed=config.data.seed)
 
@@ -66,19 +62,28 @@ def main(grid: Grid, context: Context) -> None:
         t0 = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
         scores = evaluate(model, test_set, box_weight=config.model.box_weight, device=device)
+        if resumed and server_round == 0:  # the checkpoint's model, recorded before the server stopped
+            return MetricRecord({k: float(v) for k, v in scores.items()})
+        server_round += strategy.offset
         if check_eps and server_round > 0:  # the cheap robustness check of every round
             scores["fgsm_accuracy"] = fgsm_check(model, checked, check_eps, device=device)["robust_accuracy"]
         scores["seconds"] = time.perf_counter() - t0
         line = recorder.central_round(server_round, scores, strategy.site_metrics, strategy.central_epsilon())
+        save_checkpoint(run_dir, server_round, model.state_dict(),
+                        {"strategy": strategy.state_dict(), "central": recorder.central})
         log(INFO, "%s", line)
         return MetricRecord({k: float(v) for k, v in scores.items()})
 
     initial = ArrayRecord(model.state_dict())
+    remaining = fed.rounds - strategy.offset
     try:
+        if remaining < 1:  # every round had finished: only the post-training steps were left
+            raise FederationStopped("", initial, fed.rounds)
         result = strategy.start(
             grid=grid,
             initial_arrays=initial,
-            num_rounds=fed.rounds,
+            num_rounds=remaining,
+            timeout=fed.round_timeout,
             train_config=ConfigRecord({"run-dir": str(run_dir.resolve())}),
             evaluate_fn=central_evaluation,
         )
@@ -86,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
     except FederationStopped as stopped:
         final = stopped.arrays
     model.load_state_dict(final.to_torch_state_dict())
+
     def say(message: str) -> None:
         log(INFO, "fedclinic: %s", message)
         recorder.note(message)

@@ -13,6 +13,8 @@ when fewer than `min_sites` sites still train.
 
 from __future__ import annotations
 
+import re
+import time
 from logging import WARNING
 from typing import Iterable
 
@@ -30,6 +32,24 @@ class FederationStopped(Exception):
     def __init__(self, reason: str, arrays: ArrayRecord, last_round: int) -> None:
         super().__init__(reason)
         self.reason, self.arrays, self.last_round = reason, arrays, last_round
+
+
+def wait_for_sites(grid: Grid, expected: int, *, timeout: float) -> int:
+    """Wait until `expected` SuperNodes are connected (or `timeout` s); returns how many are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        count = len(list(grid.get_node_ids()))
+        if count >= expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.2)
+
+
+def failure(reason: str) -> str:
+    """Flower's error reason as one line: "<class 'pkg.DataError'>:<'text'>" becomes "DataError: text"."""
+    found = re.fullmatch(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", reason.strip(), re.S)
+    if found:
+        return f"{found[1]}: {found[2]}"
+    return (reason.strip().splitlines() or ["no reason given"])[-1]
 
 
 def _metrics(record: RecordDict) -> MetricRecord:
@@ -62,28 +82,64 @@ def _site_of(msg: Message) -> tuple[int, int]:
 class SiteRounds(Strategy):
     """Wraps FedAvg (or Flower's central-DP wrapper around it) with what fedclinic needs to know about each site."""
 
-    def __init__(self, strategy: Strategy, *, min_sites: int, rounds: int) -> None:
+    def __init__(self, strategy: Strategy, *, min_sites: int, rounds: int, sites: int = 0,
+                 rejoin_wait: float = 0.0) -> None:
         self.strategy = strategy
         self.rounds = rounds
         self.min_sites = min_sites
+        self.sites, self.rejoin_wait = sites, rejoin_wait
         self.site_metrics: list[dict] = []  # one dict per (round, site) that replied, declined ones too
         self.declines: list[str] = []  # each site's reason, the first round it declined
         self.stop_reason = ""
+        self.offset = 0  # rounds finished before a resume: Flower's round r is the federation's round r + offset
+
+    def state_dict(self) -> dict:
+        """What a resumed server needs to go on as if it had never stopped (JSON)."""
+        dp = self._central()
+        return {
+            "site_metrics": self.site_metrics,
+            "declines": self.declines,
+            "stop_reason": self.stop_reason,
+            "accountant": None if dp is None else dp.accountant.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict, *, finished_rounds: int) -> None:
+        self.site_metrics = list(state["site_metrics"])
+        self.declines = list(state["declines"])
+        self.stop_reason = state["stop_reason"]
+        self.offset = finished_rounds
+        dp = self._central()
+        if dp is not None and state["accountant"] is not None:
+            dp.accountant.load_state_dict(state["accountant"])
+
+    def _central(self) -> DifferentialPrivacyServerSideFixedClipping | None:
+        return self.strategy if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping) else None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.offset
         if self.stop_reason:
             raise FederationStopped(self.stop_reason, arrays, server_round - 1)
+        if server_round > 1 and self.rejoin_wait:  # a site that crashed gets a chance to come back
+            present = wait_for_sites(grid, self.sites, timeout=self.rejoin_wait)
+            if present < self.sites:
+                log(WARNING, "fedclinic: round %d starts with %d of %d sites connected", server_round, present,
+                    self.sites)
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.offset
         # in site order, not arrival order: float sums then do not depend on which site
         # finished first, and a rerun with the same seed aggregates the same way
         replies = sorted(replies, key=_site_of)
         answered = [msg for msg in replies if not msg.has_error()]
+        for msg in replies:
+            if msg.has_error():  # e.g. a site whose data file is unusable, or a SuperNode that went away
+                log(WARNING, "fedclinic: round %d: node %d failed and is left out: %s", server_round,
+                    msg.metadata.src_node_id, failure(msg.error.reason))
         for msg in answered:
             self.site_metrics.append({"round": server_round, **dict(_metrics(msg.content))})
             self._note_decline(msg, server_round)
@@ -95,7 +151,7 @@ class SiteRounds(Strategy):
             )
             log(WARNING, "fedclinic: %s", self.stop_reason)
         replies = [msg for msg in replies if msg.has_error() or not _metrics(msg.content)["declined"]]
-        dp = self.strategy if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping) else None
+        dp = self._central()
         if dp is None or not replies:
             return self.strategy.aggregate_train(server_round, replies)
         # Central DP over the sites that trained: the noise on their sum stays sigma * C,
@@ -118,10 +174,10 @@ class SiteRounds(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
 
     def summary(self) -> None:
         self.strategy.summary()
@@ -169,4 +225,4 @@ def build_strategy(config: Config, *, sites: int, rounds: int) -> SiteRounds:
             num_sampled_clients=sites_per_round(config, sites),
             accountant=accountant,
         )
-    return SiteRounds(strategy, min_sites=min_sites, rounds=rounds)
+    return SiteRounds(strategy, min_sites=min_sites, rounds=rounds, sites=sites, rejoin_wait=fed.rejoin_wait)

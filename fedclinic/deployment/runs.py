@@ -1,0 +1,128 @@
+"""Submit fedclinic to a SuperLink with `flwr run`, follow it, and say how it ended.
+
+Used by `fedclinic simulate` (a simulation SuperLink) and `fedclinic demo`
+(a Deployment Engine SuperLink with SuperNodes) alike. `flwr run --stream`
+exits 0 even when the run failed, so the outcome is asked of the SuperLink
+(`flwr ls --run-id`) and a failed run raises FlowerError with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fedclinic.deployment.processes import FlowerError, flower_bin, flower_env, last_error
+
+
+def app_dir() -> Path:
+    """The Flower app: the folder whose pyproject.toml names fedclinic's ServerApp and ClientApp."""
+    root = Path(__file__).resolve().parent.parent.parent
+    if not (root / "pyproject.toml").exists():
+        raise FlowerError(f"cannot find fedclinic's pyproject.toml next to {root}; run from a clone of the repository")
+    return root
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A named SuperLink connection in $FLWR_HOME/config.toml, as `flwr` reads it."""
+
+    flwr_home: Path
+    address: str
+    name: str = "fedclinic"
+    root_certificates: Path | None = None  # None: insecure (simulation on loopback only)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return flower_env(self.flwr_home)
+
+    def write(self) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        security = ("insecure = true" if self.root_certificates is None
+                    else f'root-certificates = "{self.root_certificates.resolve()}"')
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.name}"\n\n[superlink.{self.name}]\naddress = "{self.address}"\n{security}\n'
+        )
+
+    def flwr(self, *args: str, timeout: float | None = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([flower_bin("flwr"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def ask(self, *args: str, expect: str, failing: str) -> dict:
+        """`flwr ARGS --format json`'s answer; FlowerError "`failing`: Flower's reason" when it lacks `expect`."""
+        out = self.flwr(*args, "--format", "json")
+        try:
+            answer = json.loads(out.stdout)
+        except ValueError:
+            answer = {"error-message": (out.stdout + out.stderr).strip()[-600:]}
+        if expect not in answer:
+            reason = (str(answer.get("error-message", "")).strip().splitlines() or ["no reason given"])[-1]
+            raise FlowerError(f"{failing}: {reason}")
+        return answer
+
+    def status(self, run_id: int) -> str:
+        """'finished:completed', 'finished:failed', 'running', ... or 'unknown'."""
+        try:
+            return self.ask("ls", self.name, "--run-id", str(run_id), expect="runs", failing="")["runs"][0]["status"]
+        except (FlowerError, IndexError, KeyError):
+            return "unknown"
+
+
+def submit(connection: Connection, run_config: Path, federation_config: str | None = None) -> int:
+    """`flwr run APP CONNECTION --run-config FILE`; returns the run id, or FlowerError with the SuperLink's reason."""
+    args = ["run", str(app_dir()), connection.name, "--run-config", str(run_config)]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    return int(connection.ask(*args, expect="run-id", failing="flwr run refused the run")["run-id"])
+
+
+def follow(connection: Connection, run_id: int, run_dir: Path,
+           on_progress: Callable[[dict], None] | None = None, *, while_running: Callable[[], None] | None = None,
+           start_timeout: float = 180.0) -> None:
+    """Stream the run's log to run_dir/flower.log and its progress lines to `on_progress` until it ends.
+
+    Raises FlowerError naming the SuperLink's verdict and the last error of the
+    log when the run did not complete, or when it is still waiting to start
+    after `start_timeout` seconds (a SuperLink that cannot start the ServerApp
+    leaves it pending for ever). `while_running` is called every half second
+    (the demo uses it to notice a dead daemon).
+    """
+    progress = run_dir / "progress.jsonl"
+    log_path = run_dir / "flower.log"
+    with open(log_path, "w") as log:
+        streamer = subprocess.Popen([flower_bin("flwr"), "log", str(run_id), connection.name, "--stream"],
+                                    env=connection.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    seen, deadline = 0, time.monotonic() + start_timeout
+    try:
+        while streamer.poll() is None:
+            seen = _follow(progress, seen, on_progress)
+            if deadline and time.monotonic() > deadline:
+                status, deadline = connection.status(run_id), 0.0
+                if status in ("pending", "starting"):
+                    raise FlowerError(f"the run was still {status} after {start_timeout:.0f} s: the SuperLink did not "
+                                      f"start the ServerApp; see its log (a certificate without 127.0.0.1 does this)")
+            if while_running is not None:
+                while_running()
+            time.sleep(0.5)
+        _follow(progress, seen, on_progress)
+    finally:
+        if streamer.poll() is None:
+            streamer.terminate()
+            streamer.wait(timeout=10)
+    status = connection.status(run_id)
+    if status != "finished:completed":
+        raise FlowerError(f"the Flower run ended as {status!r}{last_error(log_path)}; see {log_path}")
+
+
+def _follow(path: Path, seen: int, on_progress: Callable[[dict], None] | None) -> int:
+    """Hand new complete lines of the progress file to `on_progress`; returns lines seen."""
+    if not path.exists():
+        return seen
+    lines = path.read_text().split("\n")[:-1]  # a line still being written has no newline yet
+    for line in lines[seen:]:
+        if on_progress is not None:
+            on_progress(json.loads(line))
+    return len(lines)

@@ -1,0 +1,251 @@
+"""Flower's Deployment Engine on loopback: the demo, a SuperNode killed mid-run, a server killed and resumed."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fedclinic.config import load_config
+from fedclinic.deployment.processes import descendants
+from fedclinic.deployment.local import LocalDeployment
+from fedclinic.privacy.ledger import Ledger
+
+ROOT = Path(__file__).resolve().parent.parent
+# tiny sites, no post-training steps: these tests are about processes, messages and state
+TINY = ["data.site-size=150", "data.test-size=60", "training.batch-size=32", "robustness.enabled=false",
+        "compression.enabled=false", "explain.enabled=false", "privacy.audit=false"]
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedclinic.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def sets(settings: list[str]) -> list[str]:
+    return [arg for s in settings for arg in ("--set", s)]
+
+
+def with_marker(marker: str) -> list[int]:
+    """PIDs of live processes whose environment holds `marker` (NAME=value)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def command_of(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def deployment_config(tmp_path: Path, name: str, *settings: str):
+    """(config, run directory) of a tiny run named `name` under tmp_path, the directory made."""
+    config = load_config(None, [*TINY, *settings, f'output.dir="{tmp_path}"', f'output.name="{name}"'])
+    (tmp_path / name).mkdir()
+    return config, tmp_path / name
+
+
+def rounds_seen(run_dir: Path) -> list[int]:
+    path = run_dir / "progress.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["round"] for line in path.read_text().splitlines() if '"round"' in line]
+
+
+@pytest.mark.slow
+def test_the_demo_runs_three_supernodes_with_tls_and_authentication_and_stops_them(tmp_path):
+    # Execute: what `make deploy-demo` runs, smaller
+    proc = cli("demo", "--rounds", "2", "--out", str(tmp_path), "--name", "demo", *sets(TINY))
+    # Assert: the same table as simulate, every site trained every round from its own file
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "TLS + SuperNode authentication" in proc.stdout and "rec eps" in proc.stdout
+    run = tmp_path / "demo"
+    results = json.loads((run / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+    assert [r["sites_trained"] for r in results["rounds"][1:]] == [3, 3]
+    sites = run / "deployment" / "sites"
+    for k in range(3):
+        ledger = Ledger.open(sites / f"site-{k}" / "state", site=k)  # in the site's own state dir
+        assert ledger.rounds_trained == 2 and 0 < ledger.epsilon() <= 8.0 * 1.001
+        assert not (run / "sites").exists()  # no ledger in the server's run directory
+    # the server was given only its own test file
+    run_config = (run / "deployment" / "run-config.toml").read_text()
+    assert f'test-path = "{run / "deployment" / "server" / "test.npz"}"' in run_config
+    # secure by default: the commands it ran use TLS and SuperNode authentication, never --insecure
+    commands = (run / "deployment" / "commands.txt").read_text()
+    assert "--insecure" not in commands
+    assert "--enable-supernode-auth" in commands and commands.count("flwr supernode register") == 3
+    assert commands.count("--auth-supernode-private-key") == 3 and commands.count("--root-certificates") == 3
+    # nothing of the deployment is left running
+    assert with_marker(f"FLWR_HOME={run / 'deployment' / 'flwr-home'}") == []
+
+
+def test_the_readme_gives_the_commands_the_demo_runs():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Run across machines"):]
+    section = section[: section.index("\n## ", 4)]
+    config = load_config(None, ["federation.sites=1"])
+    deployment = LocalDeployment(Path("/nonexistent"), config)
+    for name, args in (("flower-superlink", deployment.superlink_args()), ("flower-supernode",
+                                                                           deployment.supernode_args(0))):
+        flags = [a for a in args if a.startswith("--")]
+        line = next(line for line in section.splitlines() if line.strip().startswith(name))
+        # the README's command carries every flag the demo passes (values differ: hosts and paths)
+        block = section[section.index(line):]
+        block = block[: block.index("\n\n")] if "\n\n" in block else block
+        missing = [f for f in flags if f not in block]
+        assert not missing, f"README's {name} lacks {missing}"
+    for command in ("flwr supernode register", "fedclinic certs", "flwr run"):
+        assert command in section
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_left_out_and_goes_on_from_its_ledger_when_restarted(tmp_path):
+    # Prepare: 3 sites, 3 rounds; a round waits at most 75 s for its replies
+    config, run = deployment_config(tmp_path, "faults", "federation.sites=3", "federation.rounds=3",
+                                    "federation.round-timeout=75")
+    events = {}
+
+    def fault(deployment: LocalDeployment) -> None:
+        """Once site 2 runs its round-2 ClientApp, kill its SuperNode (a crash); start it again after round 2.
+
+        (Flower refuses a second SuperNode with the same key while the first still counts as online, so a
+        crashed site comes back once the SuperLink has marked it offline; round 3 waits for it,
+        federation.rejoin-wait.)
+        """
+        if "killed" not in events and 1 in rounds_seen(run):
+            supernode = deployment.supernodes[2].pid
+            if any("flwr-clientapp" in command_of(pid) for pid in descendants(supernode)):
+                deployment.kill_site(2)
+                events["killed"] = time.monotonic()
+        if "killed" in events and "restarted" not in events and 2 in rounds_seen(run):
+            events["round2"] = time.monotonic()
+            deployment.start_site(2)
+            events["restarted"] = True
+
+    # Execute
+    with LocalDeployment(run, config) as deployment:
+        marker = f"FLWR_HOME={deployment.connection.flwr_home}"
+        deployment.run(while_running=lambda: fault(deployment))
+    # Assert: round 2 went on without site 2, within the bound; round 3 had it back
+    results = json.loads((run / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2, 3]
+    assert [r["sites_trained"] for r in results["rounds"][1:]] == [3, 2, 3]
+    assert events["round2"] - events["killed"] < 75 + 30
+    # the killed site's ledger is whole; restarted, it went on from it (round 3 adds to round 1)
+    state = run / "deployment" / "sites" / "site-2" / "state"
+    ledger = Ledger.open(state, site=2)
+    assert [e.round for e in ledger.entries] == [1, 3]  # killed while its ClientApp started: round 2 spent nothing
+    accountant = RDPAccountant()  # Opacus's own, over the entries on disk
+    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
+    assert ledger.epsilon() == pytest.approx(accountant.get_epsilon(delta=config.privacy.delta), rel=1e-9)
+    assert list(state.glob("*.tmp")) == []
+    assert with_marker(marker) == []
+
+
+class OneBadFile(LocalDeployment):
+    """A deployment whose site 1 holds a file that is not an .npz archive."""
+
+    def prepare(self) -> None:
+        super().prepare()
+        self.site_files[1].write_bytes(b"not a zip archive")
+
+
+@pytest.mark.slow
+def test_a_site_with_a_malformed_file_is_left_out_with_its_reason_and_the_others_finish(tmp_path):
+    config, run = deployment_config(tmp_path, "badfile", "federation.sites=3", "federation.rounds=2",
+                                    "federation.rejoin-wait=0")
+    with OneBadFile(run, config) as deployment:
+        deployment.run()
+    results = json.loads((run / "results.json").read_text())
+    assert [r["sites_trained"] for r in results["rounds"][1:]] == [2, 2]
+    assert sorted(s["site"] for s in results["sites"]) == [0, 2]
+    log = (run / "flower.log").read_text()
+    bad = run / "deployment" / "sites" / "site-1" / "data.npz"
+    assert f"failed and is left out: DataError: {bad}: is not an .npz archive" in log, log[-3000:]
+    assert not (run / "deployment" / "sites" / "site-1" / "state" / "ledger.json").exists()
+
+
+@pytest.mark.slow
+def test_a_dead_superlink_fails_the_demo_with_the_reason_and_stops_everything(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", "demo", "--sites", "2", "--rounds", "3", "--out",
+                             str(tmp_path), "--name", "dead", *sets(TINY)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "dead"
+    marker = f"FLWR_HOME={run / 'deployment' / 'flwr-home'}"
+    try:
+        deadline = time.monotonic() + 300
+        while 1 not in rounds_seen(run) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert 1 in rounds_seen(run), "round 1 never finished"
+        superlink = [pid for pid in with_marker(marker) if "flower-superlink" in command_of(pid)]
+        assert len(superlink) == 1
+        os.kill(superlink[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2
+        assert err.strip().count("\n") == 0, err  # one sentence
+        assert "SuperLink exited during the run" in err
+        assert with_marker(marker) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+def test_a_run_whose_server_was_killed_resumes_from_its_checkpoint_to_the_same_number_of_rounds(tmp_path):
+    # Prepare: a 3-round simulation whose server process (flwr-simulation runs the ServerApp) is killed
+    # once round 1 is checkpointed
+    run = tmp_path / "crash"
+    args = ["simulate", "--sites", "2", "--rounds", "3", "--out", str(tmp_path), "--name", "crash", *sets(TINY)]
+    proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    marker = f"FLWR_HOME={run / '.flwr'}"
+    try:
+        deadline = time.monotonic() + 300
+        while 1 not in rounds_seen(run) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        server = [pid for pid in with_marker(marker) if "flwr-simulation" in command_of(pid)]
+        assert 1 in rounds_seen(run) and len(server) == 1
+        os.kill(server[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the killed run is reported as a failure, with the reason, and leaves its checkpoint
+    assert proc.returncode == 2 and "fedclinic: error:" in err
+    assert not (run / "results.json").exists()
+    finished = max(rounds_seen(run))
+    assert finished < 3
+    # Execute: resume
+    resumed = cli("simulate", "--resume", str(run))
+    # Assert: the same 3 rounds in all, each recorded once; each site's ledger has one entry per round, since a
+    # site asked again for a round it had trained from the same model resends that update (no second spend)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [0, 1, 2, 3]
+    assert re.search(r"^\s+3\s", resumed.stdout, re.M)  # the table's last round
+    for k in range(2):
+        ledger = Ledger.open(run / "sites" / f"site-{k}", site=k)
+        assert [e.round for e in ledger.entries] == [1, 2, 3]
+    assert [r["sites_trained"] for r in results["rounds"][1:]] == [2, 2, 2]
+    assert with_marker(marker) == []
+
+
+def test_resume_refuses_a_directory_without_a_checkpoint(tmp_path):
+    proc = cli("simulate", "--resume", str(tmp_path), timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"fedclinic: error: {tmp_path} has no checkpoint.pt: there is no finished round to resume from"
