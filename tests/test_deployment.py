@@ -182,8 +182,9 @@ def test_a_site_with_a_malformed_file_is_left_out_with_its_reason_and_the_others
 
 @pytest.mark.slow
 def test_a_dead_superlink_fails_the_demo_with_the_reason_and_stops_everything(tmp_path):
+    # (insecure, which the demo runs only when asked, and says so)
     proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", "demo", "--sites", "2", "--rounds", "3", "--out",
-                             str(tmp_path), "--name", "dead", *sets(TINY)],
+                             str(tmp_path), "--name", "dead", "--insecure", *sets(TINY)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = tmp_path / "dead"
     marker = f"FLWR_HOME={run / 'deployment' / 'flwr-home'}"
@@ -197,8 +198,10 @@ def test_a_dead_superlink_fails_the_demo_with_the_reason_and_stops_everything(tm
         os.kill(superlink[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2
-        assert err.strip().count("\n") == 0, err  # one sentence
-        assert "SuperLink exited during the run" in err
+        warning, error = err.strip().splitlines()  # the insecure warning, then one sentence
+        assert "WARNING: --insecure: no TLS and no SuperNode authentication" in warning
+        assert error.startswith("fedclinic: error: the SuperLink exited during the run")
+        assert "--insecure" in (run / "deployment" / "commands.txt").read_text()
         assert with_marker(marker) == []
     finally:
         if proc.poll() is None:
