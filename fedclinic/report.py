@@ -40,6 +40,10 @@ def _clean(value):
     return value
 
 
+def _progress_line(row: dict) -> str:
+    return json.dumps({k: _clean(v) for k, v in row.items()}) + "\n"
+
+
 def json_safe(value):
     """`_clean` through nested dicts and lists."""
     if isinstance(value, dict):
@@ -59,8 +63,8 @@ class RunRecorder:
         self.started = started
         self.central: list[dict] = list(resumed or [])  # one dict per round, round 0 = the initial model
         (path / "config.toml").write_text(config.to_toml())
-        if not resumed:
-            (path / "progress.jsonl").write_text("")
+        # resumed: the rounds of the checkpoint, and not a line the stopped server wrote after it
+        (path / "progress.jsonl").write_text("".join(_progress_line(row) for row in self.central))
 
     def note(self, message: str) -> None:
         """A line of progress that is not a round (the post-training steps), for the command to show."""
@@ -83,7 +87,7 @@ class RunRecorder:
         }
         self.central.append(row)
         with open(self.path / "progress.jsonl", "a") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            f.write(_progress_line(row))
         return format_progress(row, self.config.federation.rounds)
 
     def finish(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from fedclinic.config import Config
-from fedclinic.deployment.processes import Daemon, FlowerError, free_port, with_env
+from fedclinic.deployment.processes import Daemon, FlowerError, free_port, stop_all
 from fedclinic.deployment.runs import Connection, follow, submit
 
 
@@ -55,9 +55,7 @@ class LocalSuperLink:
 
     def stop(self) -> None:
         """Stop the SuperLink and everything it started (SuperExec, simulation, Ray)."""
-        marker = f"FLWR_HOME={self.connection.flwr_home}"
-        self.daemon.stop(with_env(marker))
-        self.daemon.stop(with_env(marker))  # what was started while the SuperLink shut down
+        stop_all([self.daemon], self.connection.flwr_home)
 
 
 def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | None = None) -> None:

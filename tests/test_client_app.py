@@ -62,7 +62,7 @@ def test_a_site_with_a_data_path_trains_on_its_own_file_only(flower_task, tmp_pa
     site_file(tmp_path / "site.npz", n)
     config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
-    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path / "site.npz"),
+    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 0, "data-path": str(tmp_path / "site.npz"),
                                                     "state-dir": str(tmp_path / "state")},
                   state=RecordDict(), run_config=config.to_flat())
     # Execute
@@ -83,7 +83,7 @@ def test_a_site_declines_the_round_that_would_exceed_its_budget_and_spends_nothi
                          noise_multiplier=1.0)
     budget = (plan["epsilon_by_round"][1] + plan["epsilon_by_round"][2]) / 2
     assert rounds_within(plan["epsilon_by_round"], budget) == 2
-    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path / "site.npz"),
+    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 0, "data-path": str(tmp_path / "site.npz"),
                                                     "state-dir": str(tmp_path / "state"), "max-epsilon": budget},
                   state=RecordDict(), run_config=config.to_flat())
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
@@ -164,3 +164,13 @@ def test_a_round_asked_again_from_the_same_model_resends_its_update_and_spends_n
     other = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
     app(message("train", other, tmp_path, server_round=2), ctx)
     assert [e.round for e in Ledger.open(tmp_path / "state", site=0).entries] == [1, 2, 2]
+
+
+def test_a_deployed_site_without_a_site_id_or_state_dir_is_refused(flower_task, tmp_path):
+    site_file(tmp_path / "site.npz", 96)
+    config = load_config(None, ["training.batch-size=32"])
+    model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
+    ctx = Context(run_id=1, node_id=7, node_config={"data-path": str(tmp_path / "site.npz")},
+                  state=RecordDict(), run_config=config.to_flat())
+    with pytest.raises(ConfigError, match="has data-path but no site-id and no state-dir"):
+        app(message("train", model, tmp_path / "unused"), ctx)

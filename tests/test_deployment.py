@@ -1,5 +1,6 @@
 """Flower's Deployment Engine on loopback: the demo, a SuperNode killed mid-run, a server killed and resumed."""
 
+import argparse
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedclinic.config import load_config
-from fedclinic.deployment.processes import descendants
+from fedclinic.deployment.processes import descendants, with_env
 from fedclinic.deployment.local import LocalDeployment
 from fedclinic.privacy.ledger import Ledger
 
@@ -30,19 +31,6 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def sets(settings: list[str]) -> list[str]:
     return [arg for s in settings for arg in ("--set", s)]
-
-
-def with_marker(marker: str) -> list[int]:
-    """PIDs of live processes whose environment holds `marker` (NAME=value)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
 
 
 def command_of(pid: int) -> str:
@@ -91,7 +79,7 @@ def test_the_demo_runs_three_supernodes_with_tls_and_authentication_and_stops_th
     assert "--enable-supernode-auth" in commands and commands.count("flwr supernode register") == 3
     assert commands.count("--auth-supernode-private-key") == 3 and commands.count("--root-certificates") == 3
     # nothing of the deployment is left running
-    assert with_marker(f"FLWR_HOME={run / 'deployment' / 'flwr-home'}") == []
+    assert with_env(f"FLWR_HOME={run / 'deployment' / 'flwr-home'}") == set()
 
 
 def test_the_readme_gives_the_commands_the_demo_runs():
@@ -117,7 +105,7 @@ def test_the_readme_gives_the_commands_the_demo_runs():
 def test_a_supernode_killed_mid_round_is_left_out_and_goes_on_from_its_ledger_when_restarted(tmp_path):
     # Prepare: 3 sites, 3 rounds; a round waits at most 75 s for its replies
     config, run = deployment_config(tmp_path, "faults", "federation.sites=3", "federation.rounds=3",
-                                    "federation.round-timeout=75")
+                                    "federation.round-timeout=75", "federation.rejoin-wait=120")
     events = {}
 
     def fault(deployment: LocalDeployment) -> None:
@@ -154,7 +142,7 @@ def test_a_supernode_killed_mid_round_is_left_out_and_goes_on_from_its_ledger_wh
     accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
     assert ledger.epsilon() == pytest.approx(accountant.get_epsilon(delta=config.privacy.delta), rel=1e-9)
     assert list(state.glob("*.tmp")) == []
-    assert with_marker(marker) == []
+    assert with_env(marker) == set()
 
 
 class OneBadFile(LocalDeployment):
@@ -193,7 +181,7 @@ def test_a_dead_superlink_fails_the_demo_with_the_reason_and_stops_everything(tm
         while 1 not in rounds_seen(run) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
         assert 1 in rounds_seen(run), "round 1 never finished"
-        superlink = [pid for pid in with_marker(marker) if "flower-superlink" in command_of(pid)]
+        superlink = [pid for pid in with_env(marker) if "flower-superlink" in command_of(pid)]
         assert len(superlink) == 1
         os.kill(superlink[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
@@ -202,7 +190,7 @@ def test_a_dead_superlink_fails_the_demo_with_the_reason_and_stops_everything(tm
         assert "WARNING: --insecure: no TLS and no SuperNode authentication" in warning
         assert error.startswith("fedclinic: error: the SuperLink exited during the run")
         assert "--insecure" in (run / "deployment" / "commands.txt").read_text()
-        assert with_marker(marker) == []
+        assert with_env(marker) == set()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -221,7 +209,7 @@ def test_a_run_whose_server_was_killed_resumes_from_its_checkpoint_to_the_same_n
         deadline = time.monotonic() + 300
         while 1 not in rounds_seen(run) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        server = [pid for pid in with_marker(marker) if "flwr-simulation" in command_of(pid)]
+        server = [pid for pid in with_env(marker) if "flwr-simulation" in command_of(pid)]
         assert 1 in rounds_seen(run) and len(server) == 1
         os.kill(server[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=180)
@@ -245,10 +233,42 @@ def test_a_run_whose_server_was_killed_resumes_from_its_checkpoint_to_the_same_n
         ledger = Ledger.open(run / "sites" / f"site-{k}", site=k)
         assert [e.round for e in ledger.entries] == [1, 2, 3]
     assert [r["sites_trained"] for r in results["rounds"][1:]] == [2, 2, 2]
-    assert with_marker(marker) == []
+    assert with_env(marker) == set()
 
 
 def test_resume_refuses_a_directory_without_a_checkpoint(tmp_path):
     proc = cli("simulate", "--resume", str(tmp_path), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"fedclinic: error: {tmp_path} has no checkpoint.pt: there is no finished round to resume from"
+
+
+def test_demo_defaults_to_three_sites_and_rounds_but_set_and_flags_win():
+    from fedclinic.cli.deploy import demo_parser
+    from fedclinic.cli.options import resolve
+
+    parser = argparse.ArgumentParser()
+    demo_parser(parser.add_subparsers(dest="command"))
+    defaults = ["federation.sites=3", "federation.rounds=3"]
+
+    def fed(*argv):
+        config = resolve(parser.parse_args(["demo", *argv]), defaults=defaults).federation
+        return config.sites, config.rounds
+
+    assert fed() == (3, 3)
+    assert fed("--set", "federation.sites=5", "--set", "federation.rounds=7") == (5, 7)
+    assert fed("--sites", "4") == (4, 3)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--rounds", "5"], "--rounds cannot change it"),
+    (["--set", "privacy.target-epsilon=3"], "--resume cannot change privacy.target-epsilon"),
+])
+def test_resume_refuses_to_change_what_the_ledgers_and_checkpoint_were_made_with(tmp_path, args, words):
+    proc = cli("simulate", "--resume", str(tmp_path), *args, timeout=120)
+    assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+
+
+def test_output_resume_is_only_set_by_resume(tmp_path):
+    proc = cli("simulate", "--out", str(tmp_path), "--set", "output.resume=true", timeout=120)
+    assert proc.returncode == 2 and "use that" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []

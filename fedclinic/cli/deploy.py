@@ -34,11 +34,8 @@ def demo(args: argparse.Namespace) -> int:
     from fedclinic.deployment.local import LocalDeployment
     from fedclinic.report import format_progress, run_directory
 
-    if args.sites is None:
-        args.sites = 3
-    if args.rounds is None:
-        args.rounds = 3
-    config = resolve(args, default_name=time.strftime("demo-%Y%m%d-%H%M%S"))
+    config = resolve(args, default_name=time.strftime("demo-%Y%m%d-%H%M%S"),
+                     defaults=["federation.sites=3", "federation.rounds=3"])
     check_config(config)
     run_dir = run_directory(config)
     say = progress_printer(config)

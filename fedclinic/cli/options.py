@@ -9,7 +9,7 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable
 
-from fedclinic.config import Config, ConfigError, check_sites, load_config
+from fedclinic.config import Config, ConfigError, check_sites, load_config, parse_override
 
 
 def add_run_options(p: argparse.ArgumentParser, *, name_help: str) -> None:
@@ -24,8 +24,8 @@ def add_run_options(p: argparse.ArgumentParser, *, name_help: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines, only the final table")
 
 
-def resolve(args: argparse.Namespace, *, default_name: str | None = None) -> Config:
-    """Defaults -> --config -> --set -> the shortcut flags; paths made absolute.
+def resolve(args: argparse.Namespace, *, default_name: str | None = None, defaults: list[str] = ()) -> Config:
+    """Defaults (then the command's own `defaults`) -> --config -> --set -> the shortcut flags; paths made absolute.
 
     An unnamed run is named `default_name`, or else by the time it starts.
     """
@@ -37,7 +37,9 @@ def resolve(args: argparse.Namespace, *, default_name: str | None = None) -> Con
             overrides.append(f"{key}={json.dumps(value)}")
     if getattr(args, "quiet", False):
         overrides.append("output.quiet=true")
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, defaults=defaults)
+    if config.output.resume and not getattr(args, "resume", None):
+        raise ConfigError("output.resume is set by --resume RUN_DIR, which also checks the run's checkpoint; use that")
     name = config.output.name or default_name or time.strftime("%Y%m%d-%H%M%S")
     data_path = str(Path(config.data.path).resolve()) if config.data.path else ""
     test_path = str(Path(config.data.test_path).resolve()) if config.data.test_path else ""
@@ -48,10 +50,22 @@ def resolve(args: argparse.Namespace, *, default_name: str | None = None) -> Con
     )
 
 
+# what a resumed run may set differently: how it waits, what it prints, the steps after training
+RESUMABLE = ("federation.round-timeout", "federation.rejoin-wait", "output.quiet", "robustness.", "compression.",
+             "explain.", "privacy.audit")
+
+
 def resolve_resume(args: argparse.Namespace) -> Config:
     """The Config of the run in args.resume, to continue from its checkpoint (--set still applies)."""
     from fedclinic.server.checkpoint import load_checkpoint
 
+    given = [f"--{flag}" for flag in ("config", "sites", "rounds", "data", "out", "name") if getattr(args, flag)]
+    if given:
+        raise ConfigError(f"--resume continues a run with its own config.toml; {', '.join(given)} cannot change it")
+    fixed = [text for text in args.set if not parse_override(text)[0].startswith(RESUMABLE)]
+    if fixed:
+        raise ConfigError(f"--resume cannot change {parse_override(fixed[0])[0]}: the sites' ledgers and the "
+                          f"checkpoint were made with the run's own value (only {', '.join(RESUMABLE)} may change)")
     run_dir = Path(args.resume).resolve()
     found = load_checkpoint(run_dir)  # refuses a directory with nothing to resume, before anything starts
     config = load_config(run_dir / "config.toml", list(args.set))

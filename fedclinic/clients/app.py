@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedclinic.clients.site import Site, evaluate_round, train_round
-from fedclinic.config import from_run_config
+from fedclinic.config import ConfigError, from_run_config
 
 app = ClientApp()
 
@@ -25,6 +25,11 @@ def _site(msg: Message, context: Context) -> Site:
     max-epsilon (optional) is its own record-level budget.
     """
     node = context.node_config
+    if "data-path" in node:  # deployed: a site that guessed its id or kept its ledger elsewhere would be wrong
+        missing = [key for key in ("site-id", "state-dir") if key not in node]
+        if missing:
+            raise ConfigError(f"this SuperNode's --node-config has data-path but no {' and no '.join(missing)}; "
+                              "a deployed site needs site-id=K, data-path=... and state-dir=...")
     index = int(node.get("site-id", node.get("partition-id", 0)))
     count = int(node.get("num-partitions", 1))
     data_path = node.get("data-path")

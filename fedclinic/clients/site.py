@@ -78,7 +78,7 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
                 )
             )
         sigma = ledger.plan.noise_multiplier
-        repeat = _repeated_round(site, ledger, server_round, state_dict)
+        repeat = _repeated_round(site, ledger, server_round, _fingerprint(state_dict, config))
         if repeat is not None:  # the server lost this round's aggregate (it was restarted): send the same update
             state, stats = repeat
             metrics = _round_metrics(config, site, ledger, min(budget, ledger.plan.target_epsilon),
@@ -110,38 +110,45 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
              "sigma": result.noise_multiplier, "sample-rate": result.sample_rate}
     if config.privacy.local:
         ledger.record(round=server_round, noise_multiplier=sigma, sample_rate=result.sample_rate, steps=result.steps)
-        _keep_reply(site, server_round, state_dict, state, stats)  # after the ledger: never a release it lacks
+        # after the ledger entry: a kept update is always a release the ledger holds
+        _keep_reply(site, server_round, _fingerprint(state_dict, config), state, stats)
     metrics = _round_metrics(config, site, ledger, budget, num_examples=result.num_examples, declined=False)
     metrics.update({**stats, "rounds-trained": ledger.rounds_trained if config.privacy.local else server_round})
     return state, metrics, ""
 
 
 REPLY = "last_reply.pt"
+TRAINING_KEYS = ("data.", "model.", "training.", "privacy.", "robustness.train-")
 
 
-def _fingerprint(state_dict: dict) -> str:
-    digest = hashlib.sha256()
+def _fingerprint(state_dict: dict, config: Config) -> str:
+    """Of the global model a round starts from and of every setting that shapes local training."""
+    shaping = {k: v for k, v in config.to_flat().items() if k.startswith(TRAINING_KEYS)}
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
     for key in sorted(state_dict):
         digest.update(key.encode())
         digest.update(state_dict[key].detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
-def _keep_reply(site: Site, server_round: int, sent: dict, state: dict, stats: dict) -> None:
+def _keep_reply(site: Site, server_round: int, sent: str, state: dict, stats: dict) -> None:
     """Keep the round's update beside the ledger (atomically), to resend if the server asks for this round again."""
     if site.state_dir is None:
         return
     path = site.state_dir / REPLY
     tmp = path.with_suffix(".tmp")
     try:
-        torch.save({"round": server_round, "sent": _fingerprint(sent), "state": state, "stats": json.dumps(stats)}, tmp)
+        with open(tmp, "wb") as f:
+            torch.save({"round": server_round, "sent": sent, "state": state, "stats": json.dumps(stats)}, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _repeated_round(site: Site, ledger: Ledger, server_round: int, sent: dict) -> tuple[dict, dict] | None:
-    """(state, stats) of this very round, if the site already trained it from this very model, else None.
+def _repeated_round(site: Site, ledger: Ledger, server_round: int, sent: str) -> tuple[dict, dict] | None:
+    """(state, stats) of this very round, if the site already trained it from this very model and settings.
 
     A server restarted from its checkpoint asks again for the round it lost.
     Training again would spend the budget twice for one round; sending the
@@ -151,8 +158,11 @@ def _repeated_round(site: Site, ledger: Ledger, server_round: int, sent: dict) -
     path = None if site.state_dir is None else site.state_dir / REPLY
     if path is None or not path.exists() or not ledger.entries or ledger.entries[-1].round != server_round:
         return None
-    kept = torch.load(path, map_location="cpu", weights_only=True)
-    if kept["round"] != server_round or kept["sent"] != _fingerprint(sent):
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: train again, which the ledger charges, so nothing goes unaccounted
+        return None
+    if kept["round"] != server_round or kept["sent"] != sent:
         return None
     return kept["state"], json.loads(kept["stats"])
 

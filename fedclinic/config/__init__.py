@@ -147,9 +147,10 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the TOML file, then `key=value` overrides, validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, defaults: list[str] = ()) -> Config:
+    """DEFAULTS, then `defaults` (a command's own, `key=value`), the TOML file, then `overrides`, validated."""
     flat = dict(DEFAULTS)
+    flat.update(parse_override(text) for text in defaults)
     if path is not None:
         path = Path(path)
         try:

@@ -23,7 +23,7 @@ from typing import Callable
 
 from fedclinic.config import Config
 from fedclinic.deployment.certs import DEFAULT_HOSTS, write_certs
-from fedclinic.deployment.processes import Daemon, FlowerError, free_port, last_error, stop_processes, with_env
+from fedclinic.deployment.processes import Daemon, FlowerError, free_port, last_error, stop_all
 from fedclinic.deployment.runs import Connection, follow, submit
 
 
@@ -157,8 +157,8 @@ class LocalDeployment:
         self._log_command("flwr", args)
         out = self.connection.flwr(*args)
         if out.returncode != 0:
-            raise DeploymentError(f"flwr supernode register {public_key.name} failed: "
-                                  f"{(out.stdout + out.stderr).strip().splitlines()[-1:]}")
+            said = (out.stdout + out.stderr).strip().splitlines() or ["no reason given"]
+            raise DeploymentError(f"flwr supernode register {public_key.name} failed: {said[-1]}")
 
     def start_site(self, site: int) -> Daemon:
         daemon = Daemon("flower-supernode", self.supernode_args(site), env=self.env,
@@ -196,9 +196,7 @@ class LocalDeployment:
 
     def run_config(self) -> Path:
         """The run's config for the ServerApp: the server reads only its own test file."""
-        config = self.config
-        config = replace(config, data=replace(config.data, test_path=str(self.test_file.resolve())),
-                         federation=replace(config.federation, sites=self.sites))
+        config = replace(self.config, data=replace(self.config.data, test_path=str(self.test_file.resolve())))
         path = self.dir / "run-config.toml"
         path.write_text(config.to_toml())
         return path
@@ -226,11 +224,5 @@ class LocalDeployment:
 
     def stop(self) -> None:
         """SuperNodes first, then the SuperLink, then anything else that carries this deployment's FLWR_HOME."""
-        for daemon in self.supernodes.values():
-            daemon.stop()
-        if self.superlink is not None:
-            self.superlink.stop()
-        marker = f"FLWR_HOME={self.connection.flwr_home}"
-        if self.superlink is not None:
-            self.superlink.stop(with_env(marker))
-        stop_processes(with_env(marker))  # what was started while they shut down
+        superlink = [self.superlink] if self.superlink is not None else []
+        stop_all([*self.supernodes.values(), *superlink], self.connection.flwr_home)

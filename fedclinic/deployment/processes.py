@@ -172,11 +172,10 @@ class Daemon:
             _signal_all(tree, signal.SIGKILL)
             self.process = None
 
-    def stop(self, extra: set[int] = frozenset()) -> None:
+    def stop(self) -> None:
         if self.process is None:
-            stop_processes(set(extra))
             return
-        tree = descendants(self.process.pid) | set(extra)
+        tree = descendants(self.process.pid)
         self.process.terminate()
         try:
             self.process.wait(timeout=10)
@@ -185,6 +184,14 @@ class Daemon:
             self.process.wait(timeout=5)
         self.process = None
         stop_processes(tree)
+
+
+def stop_all(daemons: list[Daemon], flwr_home: Path) -> None:
+    """Stop `daemons` in order, each with its process tree, then every process left that carries this FLWR_HOME
+    (a detached SuperExec, Ray, whatever was started while they shut down)."""
+    for daemon in daemons:
+        daemon.stop()
+    stop_processes(with_env(f"FLWR_HOME={flwr_home}"))
 
 
 def last_error(log: Path) -> str:

@@ -47,9 +47,13 @@ class Connection:
             f'[superlink]\ndefault = "{self.name}"\n\n[superlink.{self.name}]\naddress = "{self.address}"\n{security}\n'
         )
 
-    def flwr(self, *args: str, timeout: float | None = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([flower_bin("flwr"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run([flower_bin("flwr"), *args], env=self.env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise FlowerError(f"`flwr {args[0]}` got no answer from the SuperLink at {self.address} within "
+                              f"{timeout:.0f} s") from None
 
     def ask(self, *args: str, expect: str, failing: str) -> dict:
         """`flwr ARGS --format json`'s answer; FlowerError "`failing`: Flower's reason" when it lacks `expect`."""
@@ -111,7 +115,11 @@ def follow(connection: Connection, run_id: int, run_dir: Path,
     finally:
         if streamer.poll() is None:
             streamer.terminate()
-            streamer.wait(timeout=10)
+            try:
+                streamer.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                streamer.kill()
+                streamer.wait()
     status = connection.status(run_id)
     if status != "finished:completed":
         raise FlowerError(f"the Flower run ended as {status!r}{last_error(log_path)}; see {log_path}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -46,5 +47,5 @@ def load_checkpoint(run_dir: Path) -> dict:
     try:
         found = torch.load(path, map_location="cpu", weights_only=True)
         return {"round": int(found["round"]), "arrays": found["arrays"], "state": json.loads(found["state"])}
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as err:
+    except (OSError, EOFError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{path} cannot be read ({err}); it is not a fedclinic checkpoint") from None

@@ -83,11 +83,11 @@ class SiteRounds(Strategy):
     """Wraps FedAvg (or Flower's central-DP wrapper around it) with what fedclinic needs to know about each site."""
 
     def __init__(self, strategy: Strategy, *, min_sites: int, rounds: int, sites: int = 0,
-                 rejoin_wait: float = 0.0) -> None:
+                 rejoin_wait: float = 0.0, fraction_train: float = 1.0) -> None:
         self.strategy = strategy
         self.rounds = rounds
         self.min_sites = min_sites
-        self.sites, self.rejoin_wait = sites, rejoin_wait
+        self.sites, self.rejoin_wait, self.fraction_train = sites, rejoin_wait, fraction_train
         self.site_metrics: list[dict] = []  # one dict per (round, site) that replied, declined ones too
         self.declines: list[str] = []  # each site's reason, the first round it declined
         self.stop_reason = ""
@@ -121,11 +121,21 @@ class SiteRounds(Strategy):
         server_round += self.offset
         if self.stop_reason:
             raise FederationStopped(self.stop_reason, arrays, server_round - 1)
-        if server_round > 1 and self.rejoin_wait:  # a site that crashed gets a chance to come back
+        present = len(list(grid.get_node_ids()))
+        if server_round > 1 and self.rejoin_wait and present < self.sites:  # a crashed site may come back
             present = wait_for_sites(grid, self.sites, timeout=self.rejoin_wait)
-            if present < self.sites:
-                log(WARNING, "fedclinic: round %d starts with %d of %d sites connected", server_round, present,
-                    self.sites)
+        if present < self.min_sites:  # Flower's FedAvg would wait for them for ever
+            self.stop_reason = (
+                f"the run ended early, before round {server_round} of {self.rounds}: only {present} site(s) are "
+                f"connected, fewer than federation.min-sites={self.min_sites}"
+            )
+            log(WARNING, "fedclinic: %s", self.stop_reason)
+            raise FederationStopped(self.stop_reason, arrays, server_round - 1)
+        if present < self.sites:
+            log(WARNING, "fedclinic: round %d starts with %d of %d sites connected", server_round, present, self.sites)
+        dp = self._central()
+        if dp is not None:  # Flower's accountant checks its event against the sites FedAvg samples now
+            dp.num_sampled_clients = min(present, max(int(present * self.fraction_train), self.min_sites))
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -152,6 +162,8 @@ class SiteRounds(Strategy):
             log(WARNING, "fedclinic: %s", self.stop_reason)
         replies = [msg for msg in replies if msg.has_error() or not _metrics(msg.content)["declined"]]
         dp = self._central()
+        if dp is not None:  # Flower's DP path refuses a whole round that holds a failed reply
+            replies = [msg for msg in replies if not msg.has_error()]
         if dp is None or not replies:
             return self.strategy.aggregate_train(server_round, replies)
         # Central DP over the sites that trained: the noise on their sum stays sigma * C,
@@ -225,4 +237,5 @@ def build_strategy(config: Config, *, sites: int, rounds: int) -> SiteRounds:
             num_sampled_clients=sites_per_round(config, sites),
             accountant=accountant,
         )
-    return SiteRounds(strategy, min_sites=min_sites, rounds=rounds, sites=sites, rejoin_wait=fed.rejoin_wait)
+    return SiteRounds(strategy, min_sites=min_sites, rounds=rounds, sites=sites, rejoin_wait=fed.rejoin_wait,
+                      fraction_train=fed.fraction_train)
