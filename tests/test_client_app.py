@@ -56,15 +56,21 @@ def site_file(path, n: int = 96):
              val_labels=rng.integers(0, 4, (20, 1)))
 
 
+def deployed(config, tmp_path, *, site: int, max_epsilon: float | None = None) -> Context:
+    """A deployed SuperNode's context: its site id, its own file tmp_path/site.npz, its state dir tmp_path/state."""
+    node = {"site-id": site, "data-path": str(tmp_path / "site.npz"), "state-dir": str(tmp_path / "state")}
+    if max_epsilon is not None:
+        node["max-epsilon"] = max_epsilon
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=config.to_flat())
+
+
 def test_a_site_with_a_data_path_trains_on_its_own_file_only(flower_task, tmp_path):
     # Prepare: a site file of 3-channel 20x20 images without boxes
     n = 96
     site_file(tmp_path / "site.npz", n)
     config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
-    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 0, "data-path": str(tmp_path / "site.npz"),
-                                                    "state-dir": str(tmp_path / "state")},
-                  state=RecordDict(), run_config=config.to_flat())
+    ctx = deployed(config, tmp_path, site=0)
     # Execute
     reply = app(message("train", model, tmp_path / "unused"), ctx)
     # Assert: trained on the file's 96 images, ledger in the node's own state-dir
@@ -83,9 +89,7 @@ def test_a_site_declines_the_round_that_would_exceed_its_budget_and_spends_nothi
                          noise_multiplier=1.0)
     budget = (plan["epsilon_by_round"][1] + plan["epsilon_by_round"][2]) / 2
     assert rounds_within(plan["epsilon_by_round"], budget) == 2
-    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 0, "data-path": str(tmp_path / "site.npz"),
-                                                    "state-dir": str(tmp_path / "state"), "max-epsilon": budget},
-                  state=RecordDict(), run_config=config.to_flat())
+    ctx = deployed(config, tmp_path, site=0, max_epsilon=budget)
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
     # Execute: rounds 1 and 2 train, round 3 would exceed the budget
     replies = [app(message("train", model, tmp_path, server_round=r), ctx) for r in (1, 2, 3)]
@@ -108,9 +112,7 @@ def test_a_deployed_site_sends_back_only_model_arrays_and_scalar_metrics(flower_
     site_file(tmp_path / "site.npz", 96)
     config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
-    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 2, "data-path": str(tmp_path / "site.npz"),
-                                                    "state-dir": str(tmp_path / "state")},
-                  state=RecordDict(), run_config=config.to_flat())
+    ctx = deployed(config, tmp_path, site=2)
     # Execute
     reply = app(message("train", model, tmp_path / "unused"), ctx)
     # Assert: one ArrayRecord shaped exactly like the model it was sent, one MetricRecord of
@@ -131,9 +133,7 @@ def test_a_deployed_site_too_small_for_the_batch_says_so_in_its_reply(flower_tas
     site_file(tmp_path / "site.npz", 40)
     config = load_config(None, ["training.batch-size=64"])
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
-    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 1, "data-path": str(tmp_path / "site.npz"),
-                                                    "state-dir": str(tmp_path / "state")},
-                  state=RecordDict(), run_config=config.to_flat())
+    ctx = deployed(config, tmp_path, site=1)
     # the runtime turns the exception into the error reply the server logs
     with pytest.raises(ConfigError, match="training.batch-size=64 is larger than site 1, which has only 40 training"):
         app(message("train", model, tmp_path / "unused"), ctx)
@@ -145,9 +145,7 @@ def test_a_round_asked_again_from_the_same_model_resends_its_update_and_spends_n
     # checkpoint asks for round 2 again, from the same global model)
     site_file(tmp_path / "site.npz", 96)
     config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
-    ctx = Context(run_id=1, node_id=7, node_config={"site-id": 0, "data-path": str(tmp_path / "site.npz"),
-                                                    "state-dir": str(tmp_path / "state")},
-                  state=RecordDict(), run_config=config.to_flat())
+    ctx = deployed(config, tmp_path, site=0)
     torch.manual_seed(0)
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
     app(message("train", model, tmp_path, server_round=1), ctx)
