@@ -110,6 +110,24 @@ def mix_adversarial(
     return mixed
 
 
+def add_proximal_gradient(params: list[nn.Parameter], anchor: list[Tensor], mu: float, *, private: bool) -> None:
+    """FedProx: add the gradient of mu/2 * ||w - w_global||^2, mu * (w - w_global), to every gradient.
+
+    Under DP it is added to each example's gradient (Opacus's p.grad_sample,
+    one row per example) before the optimizer clips them, so the term goes
+    through the same per-example clipping as the loss. A loss term would not:
+    Opacus builds per-example gradients from layer activations only, and a
+    term on the weights alone would never reach them. The term depends on no
+    record, so the accounting does not change.
+    """
+    for p, p0 in zip(params, anchor):
+        pull = mu * (p.detach() - p0)
+        if private:
+            p.grad_sample = p.grad_sample + pull  # broadcast over the example rows
+        else:
+            p.grad = p.grad + pull
+
+
 def train_locally(
     model: nn.Module,
     data: ImageSet,
@@ -120,11 +138,14 @@ def train_locally(
     noise_multiplier: float,
     seed: int,
     robustness: RobustnessConfig = DEFAULT_ROBUSTNESS,
+    proximal_mu: float = 0.0,
 ) -> LocalResult:
     """Train `model` in place on the site's data for `training.local_epochs` epochs.
 
     With `robustness.train_attack` other than "none", every batch is first
-    mixed with adversarial images (`mix_adversarial`).
+    mixed with adversarial images (`mix_adversarial`). With `proximal_mu` > 0
+    (FedProx), the loss is that of a batch plus mu/2 * ||w - w_start||^2,
+    w_start being the global model the round starts from.
     """
     device = resolve_device(training.device)
     torch.manual_seed(seed)
@@ -133,6 +154,8 @@ def train_locally(
     attack_generator = torch.Generator(device=device).manual_seed(seed)
     adversarial = robustness.train_attack != "none"
     model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu else []
     loader = DataLoader(as_dataset(data), batch_size=training.batch_size, shuffle=True)
     lr = training.learning_rate if privacy.local else training.baseline_learning_rate
     if training.optimizer == "adam":
@@ -170,6 +193,8 @@ def train_locally(
             logits, pred_boxes = model(x)
             loss, _ = multitask_loss(logits, pred_boxes, labels, boxes, box_weight=box_weight)
             loss.backward()
+            if proximal_mu:
+                add_proximal_gradient(params, anchor, proximal_mu, private=privacy.local)
             if not privacy.local:
                 # the baseline shares the optimizer settings of DP-SGD, whose per-example
                 # clipping bounds the update; unclipped, the same learning rate diverges
