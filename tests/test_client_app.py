@@ -172,3 +172,48 @@ def test_a_deployed_site_without_a_site_id_or_state_dir_is_refused(flower_task, 
                   state=RecordDict(), run_config=config.to_flat())
     with pytest.raises(ConfigError, match="has data-path but no site-id and no state-dir"):
         app(message("train", model, tmp_path / "unused"), ctx)
+
+
+def test_fedprox_mu_in_the_train_message_pulls_the_sites_update_toward_the_global_model_at_the_same_privacy_cost(
+        flower_task, tmp_path):
+    # Prepare: one simulated site asked for the same round twice, with two ledgers: as FedAvg sends it, and as
+    # Flower's FedProx sends it (the same message with "proximal-mu" in its config)
+    config = load_config(None, ["data.site-size=200", "training.batch-size=32", "training.local-epochs=1"])
+    torch.manual_seed(0)
+    model = MultiTaskNet(in_channels=1, num_classes=3, width=config.model.width)
+    fedavg = message("train", model, tmp_path / "fedavg")
+    fedprox = message("train", model, tmp_path / "fedprox")
+    fedprox.content["config"]["proximal-mu"] = 1.0
+    # Execute
+    plain, pulled = (app(msg, context(config, 1)) for msg in (fedavg, fedprox))
+    # Assert: a different update, nearer the global model; the same DP-SGD releases in the ledger
+    assert not plain.has_error() and not pulled.has_error()
+    start = model.state_dict()
+
+    def distance(reply) -> float:
+        trained = reply.content["arrays"].to_torch_state_dict()
+        return sum(float(((trained[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
+
+    assert 0 < distance(pulled) < distance(plain)
+    ledgers = [Ledger.open(tmp_path / run / "sites" / "site-1", site=1) for run in ("fedavg", "fedprox")]
+    releases = [[(e.round, e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries] for ledger in ledgers]
+    assert releases[0] == releases[1] and len(releases[0]) == 1
+    assert ledgers[0].epsilon() == ledgers[1].epsilon() == pulled.content["metrics"]["epsilon"]
+    assert pulled.content["metrics"]["steps"] == plain.content["metrics"]["steps"]
+
+
+def test_a_round_asked_again_with_another_proximal_mu_is_trained_anew_not_resent(flower_task, tmp_path):
+    # Prepare: a deployed site that trained round 1 as FedAvg asks
+    site_file(tmp_path / "site.npz", 96)
+    config = load_config(None, ["training.batch-size=32", "training.local-epochs=1"])
+    ctx = deployed(config, tmp_path, site=0)
+    model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
+    first = app(message("train", model, tmp_path), ctx)
+    # Execute: the same round from the same model, but with FedProx's mu
+    again = message("train", model, tmp_path)
+    again.content["config"]["proximal-mu"] = 1.0
+    second = app(again, ctx)
+    # Assert: a new update and a new release in the ledger, not the kept update trained without the pull
+    a, b = first.content["arrays"].to_torch_state_dict(), second.content["arrays"].to_torch_state_dict()
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    assert [e.round for e in Ledger.open(tmp_path / "state", site=0).entries] == [1, 1]

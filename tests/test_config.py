@@ -72,6 +72,15 @@ def test_flower_run_config_gives_the_same_config():
         ('privacy.site-budgets="1:3"', 'privacy.site-budgets must look like "0=2.5,3=4" (site=epsilon), got \'1:3\''),
         ('privacy.site-budgets="2=0"', "privacy.site-budgets: site 2's epsilon must be > 0"),
         ("privacy.central-noise-multiplier=0", "privacy.central-noise-multiplier must be > 0, got 0"),
+        ("federation.strategy=fedsgd",
+         "federation.strategy must be one of fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox, got 'fedsgd'"),
+        ("federation.server-learning-rate=-0.1", "federation.server-learning-rate must be >= 0 (0 = Flower's default), "
+                                                 "got -0.1"),
+        ("federation.server-momentum=1", "federation.server-momentum must be in [0, 1), got 1"),
+        ("federation.beta-1=1", "federation.beta-1 must be in [0, 1), got 1"),
+        ("federation.beta-2=-0.5", "federation.beta-2 must be in [0, 1), got -0.5"),
+        ("federation.tau=0", "federation.tau must be > 0, got 0"),
+        ("federation.proximal-mu=-1", "federation.proximal-mu must be >= 0, got -1"),
     ],
 )
 def test_impossible_settings_are_refused_with_the_bad_value(override, words):

@@ -52,7 +52,10 @@ def train(msg: Message, context: Context) -> Message:
     config = from_run_config(context.run_config)
     state_dict = msg.content["arrays"].to_torch_state_dict()
     server_round = int(msg.content["config"]["server-round"])
-    new_state, metrics, declined = train_round(config, _site(msg, context), state_dict, server_round=server_round)
+    # Flower's FedProx sends its mu with every round; the other strategies send none
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    new_state, metrics, declined = train_round(config, _site(msg, context), state_dict, server_round=server_round,
+                                               proximal_mu=mu)
     content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
     if declined:
         content["status"] = ConfigRecord({"declined": declined})

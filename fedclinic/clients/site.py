@@ -48,18 +48,20 @@ def build_model(config: Config, data: ImageSet, state_dict: dict[str, torch.Tens
     return model
 
 
-def train_round(config: Config, site: Site, state_dict: dict, *, server_round: int) -> tuple[dict, dict, str]:
+def train_round(config: Config, site: Site, state_dict: dict, *, server_round: int,
+                proximal_mu: float = 0.0) -> tuple[dict, dict, str]:
     """One round of local training: (new state dict, metrics for the server, reason if it declined).
 
     With record-level DP the site first checks its ledger: if this round would
     take its epsilon past its budget, it declines, spends nothing, and returns
     the model it was sent unchanged (a zero update) with `declined` = 1.
+    `proximal_mu` > 0 is FedProx: the local loss gains mu/2 * ||w - w_global||^2.
     """
     with Ledger.locked(site.state_dir, site=site.index) as ledger:
-        return _train_round(config, site, ledger, state_dict, server_round)
+        return _train_round(config, site, ledger, state_dict, server_round, proximal_mu)
 
 
-def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, server_round: int):
+def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, server_round: int, mu: float):
     train, _ = site.data(config)
     if site.data_path is not None:  # a deployed site: only it knows its size, so it checks itself
         check_site_size(config, len(train), site=site.index)
@@ -78,7 +80,7 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
                 )
             )
         sigma = ledger.plan.noise_multiplier
-        repeat = _repeated_round(site, ledger, server_round, _fingerprint(state_dict, config))
+        repeat = _repeated_round(site, ledger, server_round, _fingerprint(state_dict, config, mu))
         if repeat is not None:  # the server lost this round's aggregate (it was restarted): send the same update
             state, stats = repeat
             metrics = _round_metrics(config, site, ledger, min(budget, ledger.plan.target_epsilon),
@@ -104,6 +106,7 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
         box_weight=config.model.box_weight,
         noise_multiplier=sigma,
         seed=config.data.seed * 100_003 + site.index * 1009 + server_round,
+        proximal_mu=mu,
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     stats = {"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,
@@ -111,7 +114,7 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
     if config.privacy.local:
         ledger.record(round=server_round, noise_multiplier=sigma, sample_rate=result.sample_rate, steps=result.steps)
         # after the ledger entry: a kept update is always a release the ledger holds
-        _keep_reply(site, server_round, _fingerprint(state_dict, config), state, stats)
+        _keep_reply(site, server_round, _fingerprint(state_dict, config, mu), state, stats)
     metrics = _round_metrics(config, site, ledger, budget, num_examples=result.num_examples, declined=False)
     metrics.update({**stats, "rounds-trained": ledger.rounds_trained if config.privacy.local else server_round})
     return state, metrics, ""
@@ -121,9 +124,13 @@ REPLY = "last_reply.pt"
 TRAINING_KEYS = ("data.", "model.", "training.", "privacy.", "robustness.train-")
 
 
-def _fingerprint(state_dict: dict, config: Config) -> str:
-    """Of the global model a round starts from and of every setting that shapes local training."""
+def _fingerprint(state_dict: dict, config: Config, proximal_mu: float) -> str:
+    """Of the global model a round starts from and of every setting that shapes local training.
+
+    FedProx's mu is the one the server sent with the round, which is what trains.
+    """
     shaping = {k: v for k, v in config.to_flat().items() if k.startswith(TRAINING_KEYS)}
+    shaping["proximal-mu"] = proximal_mu
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode())
     for key in sorted(state_dict):
         digest.update(key.encode())

@@ -26,6 +26,7 @@ from fedclinic.config.sections import (  # noqa: F401 (the public names of fedcl
     TrainingConfig,
     MODES,
     PrivacyConfig,
+    STRATEGIES,
     FederationConfig,
     ATTACKS,
     NORMS,

@@ -190,6 +190,9 @@ class PrivacyConfig:
         return self.budgets().get(site, self.target_epsilon)
 
 
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox")
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     # number of hospital sites (SuperNodes in simulation)
@@ -213,6 +216,23 @@ class FederationConfig:
     client_cpus: int = 1
     # share of a GPU for each simulated site (0 = CPU only; 0.25 = four sites per GPU)
     client_gpus: float = 0.0
+    # the server's strategy, one of Flower's: fedavg, fedavgm (server momentum), fedadam, fedyogi,
+    # fedadagrad (adaptive server optimizers) or fedprox (a proximal term in each site's local loss)
+    strategy: str = "fedavg"
+    # server learning rate: FedAvgM's server_learning_rate, FedAdam's, FedYogi's and FedAdagrad's
+    # eta; 0 means Flower's default for the strategy (1.0 FedAvgM, 0.1 FedAdam and FedAdagrad, 0.01 FedYogi)
+    server_learning_rate: float = 0.0
+    # FedAvgM's server momentum (0 = none)
+    server_momentum: float = 0.0
+    # FedAdam's and FedYogi's beta_1: decay of the first moment (the running mean of the rounds' updates)
+    beta_1: float = 0.9
+    # FedAdam's and FedYogi's beta_2: decay of the second moment (the running mean of squared updates)
+    beta_2: float = 0.99
+    # FedAdam's, FedYogi's and FedAdagrad's tau, added to the root of the second moment (larger = less adaptive)
+    tau: float = 1e-3
+    # FedProx's mu: each site adds mu/2 times the squared distance of its weights from the global model
+    # to its local loss (under DP-SGD that term is clipped per example, with the loss's gradient)
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.sites >= 1, f"federation.sites must be at least 1, got {self.sites}")
@@ -227,6 +247,16 @@ class FederationConfig:
         _require(self.rejoin_wait >= 0, f"federation.rejoin-wait must be >= 0 seconds, got {self.rejoin_wait}")
         _require(self.client_cpus > 0, f"federation.client-cpus must be > 0, got {self.client_cpus}")
         _require(self.client_gpus >= 0, f"federation.client-gpus must be >= 0, got {self.client_gpus}")
+        _require(self.strategy in STRATEGIES,
+                 f"federation.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        _require(self.server_learning_rate >= 0, "federation.server-learning-rate must be >= 0 "
+                 f"(0 = Flower's default), got {self.server_learning_rate}")
+        _require(0 <= self.server_momentum < 1,
+                 f"federation.server-momentum must be in [0, 1), got {self.server_momentum}")
+        _require(0 <= self.beta_1 < 1, f"federation.beta-1 must be in [0, 1), got {self.beta_1}")
+        _require(0 <= self.beta_2 < 1, f"federation.beta-2 must be in [0, 1), got {self.beta_2}")
+        _require(self.tau > 0, f"federation.tau must be > 0, got {self.tau}")
+        _require(self.proximal_mu >= 0, f"federation.proximal-mu must be >= 0, got {self.proximal_mu}")
 
 
 ATTACKS, NORMS, TRAIN_ATTACKS = ("fgsm", "pgd"), ("linf", "l2"), ("none", "fgsm", "pgd")

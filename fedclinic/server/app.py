@@ -22,7 +22,8 @@ from fedclinic.model import MultiTaskNet
 from fedclinic.report import RunRecorder, run_directory
 from fedclinic.server.checkpoint import load_checkpoint, save_checkpoint
 from fedclinic.server.post_training import post_training, sample
-from fedclinic.strategies.fedavg import FederationStopped, build_strategy, wait_for_sites
+from fedclinic.strategies.build import build_strategy
+from fedclinic.strategies.sites import FederationStopped, wait_for_sites
 
 app = ServerApp()
 

@@ -1,29 +1,29 @@
-"""FedAvg that knows about sites: their metrics, their budgets, and central DP.
+"""The site bookkeeping around Flower's strategy: each site's metrics, its budget, the early end, the resume.
 
-    strategy = build_strategy(config, sites=5)
+    strategy = build_strategy(config, sites=5, rounds=4)      # strategies/build.py
     result = strategy.start(...)      # raises FederationStopped when too few sites are left
 
-`build_strategy` composes Flower's own pieces: FedAvg, optionally wrapped in
-Flower's DifferentialPrivacyServerSideFixedClipping with its RDP accountant
-(site-level DP), all inside `SiteRounds`, which keeps each site's reply
-metrics, aggregates replies in site order, leaves out sites that declined a
-round because their record-level budget would be exceeded, and ends the run
-when fewer than `min_sites` sites still train.
+`SiteRounds` wraps the Flower strategy of the run (FedAvg, FedProx, a server
+optimizer, or Flower's central-DP wrapper around one): it keeps each site's
+reply metrics, aggregates replies in site order, leaves out sites that
+declined a round because their record-level budget would be exceeded, ends
+the run when fewer than `min_sites` sites still train, and gives a resumed
+server the state it had, the server optimizer's included.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp import Grid, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-from fedclinic.config import Config
+from fedclinic.strategies.server_optimizers import load_optimizer_state, optimizer_state, step_from_mean
 
 
 class FederationStopped(Exception):
@@ -79,12 +79,34 @@ def _site_of(msg: Message) -> tuple[int, int]:
     return (0, int(_metrics(msg.content)["site"]))
 
 
+def _in_dtypes_of(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+    """`arrays` in the dtypes of the sites' models.
+
+    FedAdam's bias-corrected step size is a numpy float64, which promotes
+    float32 weights to float64; the sites, the server's model and the
+    checkpoint hold float32, so a resumed run would start from other numbers
+    than the uninterrupted one goes on with.
+    """
+    sent = next(iter(next(m for m in replies if not m.has_error()).content.array_records.values()))
+    if all(arrays[k].dtype == sent[k].dtype for k in arrays):
+        return arrays
+    return ArrayRecord({k: Array(a.numpy().astype(sent[k].numpy().dtype)) for k, a in arrays.items()})
+
+
 class SiteRounds(Strategy):
-    """Wraps FedAvg (or Flower's central-DP wrapper around it) with what fedclinic needs to know about each site."""
+    """Wraps the run's Flower strategy with what fedclinic needs to know about each site.
+
+    `strategy` sends each round and averages the replies: FedAvg, FedProx or a
+    server optimizer, or Flower's central-DP wrapper around FedAvg or FedProx.
+    `server_optimizer` (FedAvgM or a FedOpt strategy, under central DP only)
+    then steps the global model from that wrapper's private mean.
+    """
 
     def __init__(self, strategy: Strategy, *, min_sites: int, rounds: int, sites: int = 0,
-                 rejoin_wait: float = 0.0, fraction_train: float = 1.0) -> None:
+                 rejoin_wait: float = 0.0, fraction_train: float = 1.0,
+                 server_optimizer: FedAvg | None = None) -> None:
         self.strategy = strategy
+        self.server_optimizer = server_optimizer
         self.rounds = rounds
         self.min_sites = min_sites
         self.sites, self.rejoin_wait, self.fraction_train = sites, rejoin_wait, fraction_train
@@ -94,13 +116,14 @@ class SiteRounds(Strategy):
         self.offset = 0  # rounds finished before a resume: Flower's round r is the federation's round r + offset
 
     def state_dict(self) -> dict:
-        """What a resumed server needs to go on as if it had never stopped (JSON)."""
+        """What a resumed server needs to go on as if it had never stopped (JSON, and tensors for the optimizer)."""
         dp = self._central()
         return {
             "site_metrics": self.site_metrics,
             "declines": self.declines,
             "stop_reason": self.stop_reason,
             "accountant": None if dp is None else dp.accountant.state_dict(),
+            "server_optimizer": optimizer_state(self._stepping()),
         }
 
     def load_state_dict(self, state: dict, *, finished_rounds: int) -> None:
@@ -111,9 +134,17 @@ class SiteRounds(Strategy):
         dp = self._central()
         if dp is not None and state["accountant"] is not None:
             dp.accountant.load_state_dict(state["accountant"])
+        load_optimizer_state(self._stepping(), state.get("server_optimizer", {}))
 
     def _central(self) -> DifferentialPrivacyServerSideFixedClipping | None:
         return self.strategy if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping) else None
+
+    def _stepping(self) -> Strategy:
+        """The Flower strategy whose aggregate is the new global model, and so holds any server-optimizer state."""
+        if self.server_optimizer is not None:
+            return self.server_optimizer
+        dp = self._central()
+        return self.strategy if dp is None else dp.strategy
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -136,7 +167,10 @@ class SiteRounds(Strategy):
         dp = self._central()
         if dp is not None:  # Flower's accountant checks its event against the sites FedAvg samples now
             dp.num_sampled_clients = min(present, max(int(present * self.fraction_train), self.min_sites))
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = self.strategy.configure_train(server_round, arrays, config, grid)
+        if self.server_optimizer is not None:  # it records the model it will step from; what it would send is not sent
+            self.server_optimizer.configure_train(server_round, arrays, ConfigRecord(), grid)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -165,15 +199,21 @@ class SiteRounds(Strategy):
         if dp is not None:  # Flower's DP path refuses a whole round that holds a failed reply
             replies = [msg for msg in replies if not msg.has_error()]
         if dp is None or not replies:
-            return self.strategy.aggregate_train(server_round, replies)
-        # Central DP over the sites that trained: the noise on their sum stays sigma * C,
-        # and the mean divides by how many they are. (A declined site's zero update cannot
-        # stay in: Flower's clipping divides by the update's norm.)
-        configured, dp.num_sampled_clients = dp.num_sampled_clients, len(replies)
-        try:
-            return dp.aggregate_train(server_round, replies)
-        finally:
-            dp.num_sampled_clients = configured
+            arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        else:
+            # Central DP over the sites that trained: the noise on their sum stays sigma * C,
+            # and the mean divides by how many they are. (A declined site's zero update cannot
+            # stay in: Flower's clipping divides by the update's norm.)
+            configured, dp.num_sampled_clients = dp.num_sampled_clients, len(replies)
+            try:
+                arrays, metrics = dp.aggregate_train(server_round, replies)
+            finally:
+                dp.num_sampled_clients = configured
+        if arrays is None:  # nobody trained: the model, and any optimizer's moments, stay where they were
+            return None, metrics
+        if self.server_optimizer is not None:  # a step from the private mean: post-processing, no privacy spent
+            arrays = step_from_mean(self.server_optimizer, server_round, arrays)
+        return _in_dtypes_of(arrays, replies), metrics
 
     def _note_decline(self, msg: Message, server_round: int) -> None:
         if "status" in msg.content.config_records:
@@ -193,49 +233,11 @@ class SiteRounds(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+        if self.server_optimizer is not None:
+            log(INFO, "\t└──> then %s steps from the central-DP mean:", type(self.server_optimizer).__name__)
+            self.server_optimizer.summary()
 
     def central_epsilon(self) -> float | None:
         """Site-level epsilon spent so far under central DP (None without it)."""
         spent = getattr(self.strategy, "privacy_spent", lambda: None)()
         return None if spent is None else float(spent.epsilon) if spent.num_releases else 0.0
-
-
-def sites_per_round(config: Config, sites: int) -> int:
-    """How many sites FedAvg samples per round (its own rule: a share, at least min-sites)."""
-    fed = config.federation
-    return min(sites, max(int(sites * fed.fraction_train), min(fed.min_sites, sites)))
-
-
-def build_strategy(config: Config, *, sites: int, rounds: int) -> SiteRounds:
-    """FedAvg for the configured privacy mode, wrapped in SiteRounds."""
-    fed, privacy = config.federation, config.privacy
-    min_sites = min(fed.min_sites, sites)
-    strategy: Strategy = FedAvg(
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=fed.fraction_evaluate,
-        min_train_nodes=min_sites,
-        min_evaluate_nodes=min_sites if fed.fraction_evaluate > 0 else 0,
-        min_available_nodes=min_sites,
-        # central DP needs every site to weigh the same; otherwise weigh by examples
-        weighted_by_key="site-weight" if privacy.central else "num-examples",
-        train_metrics_aggr_fn=aggregate_site_metrics,
-    )
-    if privacy.central:
-        accountant = RdpAccountant(
-            PrivacyConfig(
-                target_delta=privacy.central_delta,
-                population_size=sites,
-                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-                # no amplification is claimed from sampling sites: the sample is not Poisson
-                sampling_method=SamplingMethod.NO_AMPLIFICATION,
-            )
-        )
-        strategy = DifferentialPrivacyServerSideFixedClipping(
-            strategy,
-            noise_multiplier=privacy.central_noise_multiplier,
-            clipping_norm=privacy.central_clipping_norm,
-            num_sampled_clients=sites_per_round(config, sites),
-            accountant=accountant,
-        )
-    return SiteRounds(strategy, min_sites=min_sites, rounds=rounds, sites=sites, rejoin_wait=fed.rejoin_wait,
-                      fraction_train=fed.fraction_train)
