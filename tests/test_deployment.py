@@ -196,28 +196,36 @@ def test_a_dead_superlink_fails_the_demo_with_the_reason_and_stops_everything(tm
             proc.kill()
 
 
+def kill_the_server(args: list[str], run: Path, *, when) -> tuple[int, str]:
+    """`fedclinic ARGS` writing to `run`, its server process (flwr-simulation runs the ServerApp) killed
+    as soon as `when()` holds; (exit status, stderr) of the command."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    marker = f"FLWR_HOME={run / '.flwr'}"
+    try:
+        deadline = time.monotonic() + 300
+        while not when() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        server = [pid for pid in with_env(marker) if "flwr-simulation" in command_of(pid)]
+        assert when() and len(server) == 1
+        os.kill(server[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
 @pytest.mark.slow
 def test_a_run_whose_server_was_killed_resumes_from_its_checkpoint_to_the_same_number_of_rounds(tmp_path):
     # Prepare: a 3-round simulation whose server process (flwr-simulation runs the ServerApp) is killed
     # once round 1 is checkpointed
     run = tmp_path / "crash"
     args = ["simulate", "--sites", "2", "--rounds", "3", "--out", str(tmp_path), "--name", "crash", *sets(TINY)]
-    proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
     marker = f"FLWR_HOME={run / '.flwr'}"
-    try:
-        deadline = time.monotonic() + 300
-        while 1 not in rounds_seen(run) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        server = [pid for pid in with_env(marker) if "flwr-simulation" in command_of(pid)]
-        assert 1 in rounds_seen(run) and len(server) == 1
-        os.kill(server[0], signal.SIGKILL)
-        _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    returncode, err = kill_the_server(args, run, when=lambda: 1 in rounds_seen(run))
     # the killed run is reported as a failure, with the reason, and leaves its checkpoint
-    assert proc.returncode == 2 and "fedclinic: error:" in err
+    assert returncode == 2 and "fedclinic: error:" in err
     assert not (run / "results.json").exists()
     finished = max(rounds_seen(run))
     assert finished < 3

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import fedclinic
 
@@ -194,3 +195,46 @@ def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_h
     assert central["epsilon"] == pytest.approx(epsilon([(1.0, 1.0, 3)], delta=1e-3), rel=0.02)
     report = (run / "report.md").read_text()
     assert "Record-level DP" in report and "Site-level DP" in report and "declined round 2" in report
+
+
+@pytest.mark.slow
+def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model_of_an_uninterrupted_run(tmp_path):
+    # Prepare: the same small FedAdam federation twice; the second one's server process (flwr-simulation runs
+    # the ServerApp) is killed as soon as round 1 is checkpointed, and the run is resumed
+    from fedclinic.deployment.processes import stop_processes, with_env
+    from fedclinic.server.checkpoint import CheckpointError, load_checkpoint
+    from test_deployment import kill_the_server
+
+    fedadam = ["--sites", "3", "--rounds", "3", "--out", str(tmp_path), *SMALL, "--set", "privacy.audit=false",
+               "--set", "federation.strategy=fedadam", "--set", "federation.server-learning-rate=0.01"]
+    run = tmp_path / "killed"
+    markers = [f"FLWR_HOME={tmp_path / name / '.flwr'}" for name in ("whole", "killed")]
+
+    def checkpointed() -> int:
+        try:
+            return load_checkpoint(run)["round"]
+        except CheckpointError:
+            return -1
+
+    try:
+        whole = simulate(*fedadam, "--name", "whole")
+        assert whole.returncode == 0, whole.stdout + whole.stderr
+        returncode, err = kill_the_server(["simulate", *fedadam, "--name", "killed"], run,
+                                          when=lambda: checkpointed() >= 1)
+        assert returncode == 2 and "fedclinic: error:" in err
+        assert checkpointed() == 1 and not (run / "results.json").exists()
+        # Execute
+        resumed = simulate("--resume", str(run))
+        # Assert: the same global model, tensor for tensor, and the strategy recorded with the run's config
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        expected = fedclinic.load_model(tmp_path / "whole" / "global_model.pt").state_dict()
+        got = fedclinic.load_model(run / "global_model.pt").state_dict()
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+        results = json.loads((run / "results.json").read_text())
+        assert [r["round"] for r in results["rounds"]] == [0, 1, 2, 3]
+        assert results["config"]["federation.strategy"] == "fedadam"
+        assert results["config"]["federation.server-learning-rate"] == 0.01
+        assert all(with_env(marker) == set() for marker in markers)
+    finally:  # a failed assertion above leaves nothing running either
+        for marker in markers:
+            stop_processes(with_env(marker))
