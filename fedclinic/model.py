@@ -1,7 +1,7 @@
-"""The multi-task model: a small GroupNorm CNN with a disease head and a lesion-box head.
+"""The multi-task model: a scattering front end and a small GroupNorm CNN, a disease head and a lesion-box head.
 
     from fedclinic.model import MultiTaskNet, multitask_loss, save_model, load_model
-    model = MultiTaskNet(in_channels=1, num_classes=3, width=16)
+    model = MultiTaskNet(in_channels=1, num_classes=3, width=16, image_size=(32, 32))
     logits, boxes = model(images)          # images: float N x C x H x W in [0, 1]
     save_model(model, "global.pt", class_names=("healthy", "benign", "malignant"))
     model = load_model("global.pt")        # eval mode, .class_names, no training code needed
@@ -21,6 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedclinic.config import Config
+from fedclinic.config.sections import ENCODERS
+from fedclinic.data.imageset import ImageSet
+
 # Fixed normalisation inside the model, so callers (and adversarial attacks,
 # whose budgets are in pixel units) feed raw [0, 1] pixels.
 PIXEL_MEAN = 0.5
@@ -29,8 +33,8 @@ PIXEL_STD = 0.25
 # GroupNorm groups per layer (fewer when the channel count is not a multiple).
 GROUPS = 8
 
-# The encoder ends in a POOLED_SIZE x POOLED_SIZE grid: coarse "where" for the
-# box head, and any input size maps to the same feature length.
+# The class head sees a POOLED_SIZE x POOLED_SIZE grid of the encoder's map: coarse
+# "where", and any image size maps to the same feature length.
 POOLED_SIZE = 4
 
 # Smooth L1 switches from quadratic to linear at this error: box coordinates
@@ -38,66 +42,135 @@ POOLED_SIZE = 4
 # tiny gradients near the target.
 BOX_LOSS_BETA = 0.05
 
+# The scattering transform: 2 scales (each output pixel sums a 4 x 4 patch), 4
+# orientations, up to second order: (1 + 4)^2 = 25 maps per image channel. Under DP
+# on the synthetic sites it learned as well as 8 orientations (81 maps) at a third
+# of the cost; first order alone (9 maps) lost 10 points (bench/utility.py's notes).
+SCATTERING_SCALES = 2
+SCATTERING_ORIENTATIONS = 4
+
 FILE_FORMAT = "fedclinic-model"
-FILE_VERSION = 1
+FILE_VERSION = 2
 
 
-def _conv_block(in_channels: int, out_channels: int, *, stride: int) -> nn.Sequential:
+def _conv_block(in_channels: int, out_channels: int, *, stride: int = 1, kernel_size: int = 3) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1),
+        nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2),
         nn.GroupNorm(math.gcd(GROUPS, out_channels), out_channels),
         nn.ReLU(),
     )
 
 
-def _conv_block_1x1(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=1),
-        nn.GroupNorm(math.gcd(GROUPS, out_channels), out_channels),
-        nn.ReLU(),
-    )
+class Scattering(nn.Module):
+    """A fixed 2-D wavelet scattering transform (kymatio), per image channel: N x C x H x W -> N x 25C x H/4 x W/4.
+
+    Nothing in it is trained, so it costs DP-SGD no noise: Morlet wavelet
+    moduli at 2 scales and 4 orientations, and their wavelet moduli again,
+    averaged over 4 x 4 patches (Tramer & Boneh 2021, "Differentially private
+    learning needs better features": ScatterNet features beat end-to-end CNNs
+    under DP). Each output map is then normalised over its own pixels, image
+    by image (no statistic is shared between records).
+    """
+
+    def __init__(self, *, in_channels: int, image_size: tuple[int, int]) -> None:
+        super().__init__()
+        # the 2-D frontend itself: `kymatio.torch` also imports the 3-D one, whose filter
+        # bank needs scipy.special.sph_harm, which SciPy 1.17 no longer has
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+        self.transform = ScatteringTorch2D(J=SCATTERING_SCALES, shape=tuple(image_size), L=SCATTERING_ORIENTATIONS)
+        # the wavelet filters are recomputed from the arch on load: not weights to send or save
+        for name, buffer in list(self.transform.named_buffers(recurse=False)):
+            self.transform.register_buffer(name, buffer, persistent=False)
+        self.image_size = tuple(image_size)
+        self.out_channels = in_channels * (1 + SCATTERING_ORIENTATIONS) ** 2
+        self.norm = nn.GroupNorm(self.out_channels, self.out_channels, affine=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.image_size:
+            raise ValueError(f"this model's scattering transform is built for {self.image_size[0]} x "
+                             f"{self.image_size[1]} images, got {x.shape[-2]} x {x.shape[-1]}")
+        return self.norm(self.transform(x).flatten(1, 2))
+
+
+class SoftArgmaxBox(nn.Module):
+    """The lesion box from the encoder's map: where = a softmax over its pixels, size = from what is there.
+
+    cx, cy are the expected pixel centre under that softmax; w, h come from
+    the map's features averaged with the same weights. A few dozen weights
+    instead of a dense layer over the whole map: under DP it localised better
+    (test IoU 0.48 against 0.40 on the synthetic sites, bench/utility.py's notes).
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.where = nn.Conv2d(width, 1, kernel_size=1)
+        self.size = nn.Linear(width, 2)
+
+    def forward(self, h: Tensor) -> Tensor:
+        n, _, height, width = h.shape
+        weights = torch.softmax(self.where(h).flatten(1), dim=1).view(n, height, width)
+        ys = (torch.arange(height, dtype=h.dtype, device=h.device) + 0.5) / height
+        xs = (torch.arange(width, dtype=h.dtype, device=h.device) + 0.5) / width
+        cx = (weights.sum(dim=1) * xs).sum(dim=1)
+        cy = (weights.sum(dim=2) * ys).sum(dim=1)
+        there = (h * weights[:, None]).sum(dim=(2, 3))
+        w, hh = torch.sigmoid(self.size(there)).unbind(dim=1)
+        return torch.stack([cx, cy, w, hh], dim=1)
 
 
 class MultiTaskNet(nn.Module):
-    """Encoder (width -> 2 width -> 4 width channels) feeding a class head and a box head.
+    """An encoder to a width x H/4 x W/4 map, feeding a class head and a box head.
 
-    forward(x) takes a float batch N x C x H x W in [0, 1] (H, W >= 16) and
-    returns (logits N x num_classes, boxes N x 4), the boxes as (cx, cy, w, h)
-    in [0, 1] of the image size.
+    encoder "scattering" (the default): a fixed scattering transform, then two
+    trained 3x3 conv blocks, built for one image size. "cnn": four trained
+    conv blocks (two of stride 2), any image size of at least 16 pixels.
+    forward(x) takes a float batch N x C x H x W in [0, 1] and returns (logits
+    N x num_classes, boxes N x 4), the boxes as (cx, cy, w, h) in [0, 1] of the
+    image size.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, width: int = 16) -> None:
+    def __init__(self, *, in_channels: int, num_classes: int, width: int = 16, encoder: str = "scattering",
+                 image_size: tuple[int, int] | list[int] = (32, 32)) -> None:
         super().__init__()
-        if in_channels < 1 or num_classes < 2 or width < 1:
+        if in_channels < 1 or num_classes < 2 or width < 1 or encoder not in ENCODERS:
             raise ValueError(
-                f"MultiTaskNet needs in_channels >= 1, num_classes >= 2 and width >= 1, "
-                f"got in_channels={in_channels}, num_classes={num_classes}, width={width}"
+                f"MultiTaskNet needs in_channels >= 1, num_classes >= 2, width >= 1 and an encoder in {ENCODERS}, "
+                f"got in_channels={in_channels}, num_classes={num_classes}, width={width}, encoder={encoder!r}"
             )
+        image_size = [int(image_size[0]), int(image_size[1])]
         # Everything needed to rebuild the architecture; saved next to the weights.
-        self.arch = {"in_channels": in_channels, "num_classes": num_classes, "width": width}
-        self.encoder = nn.Sequential(
-            _conv_block(in_channels, width, stride=1),
-            _conv_block(width, 2 * width, stride=2),
-            _conv_block(2 * width, 4 * width, stride=2),
-            # a 1x1 reduction before pooling: 4x fewer features and head weights, and
-            # DP-SGD's noise norm grows with the square root of the parameter count
-            _conv_block_1x1(4 * width, width),
-            nn.AdaptiveAvgPool2d(POOLED_SIZE),
-            nn.Flatten(),
-        )
-        features = width * POOLED_SIZE * POOLED_SIZE
-        self.class_head = nn.Linear(features, num_classes)
-        # A hidden layer: a linear box head localised far worse under DP
-        # (test IoU 0.14 against 0.36 on the synthetic sites).
-        self.box_head = nn.Sequential(
-            nn.Linear(features, 4 * width),
-            nn.ReLU(),
-            nn.Linear(4 * width, 4),
-        )
+        self.arch = {"in_channels": in_channels, "num_classes": num_classes, "width": width, "encoder": encoder,
+                     "image_size": image_size}
+        if encoder == "scattering":
+            scattering = Scattering(in_channels=in_channels, image_size=image_size)
+            blocks = [scattering, _conv_block(scattering.out_channels, width), _conv_block(width, width)]
+        else:
+            blocks = [
+                _conv_block(in_channels, width),
+                _conv_block(width, 2 * width, stride=2),
+                _conv_block(2 * width, 4 * width, stride=2),
+                # a 1x1 reduction: 4x fewer features and head weights, and DP-SGD's
+                # noise norm grows with the square root of the parameter count
+                _conv_block(4 * width, width, kernel_size=1),
+            ]
+        self.encoder = nn.Sequential(*blocks)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(POOLED_SIZE), nn.Flatten())
+        self.class_head = nn.Linear(width * POOLED_SIZE * POOLED_SIZE, num_classes)
+        self.box_head = SoftArgmaxBox(width)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.encoder((x - PIXEL_MEAN) / PIXEL_STD)
-        return self.class_head(features), torch.sigmoid(self.box_head(features))
+        h = self.encoder((x - PIXEL_MEAN) / PIXEL_STD)
+        return self.class_head(self.pool(h)), self.box_head(h)
+
+
+def build_model(config: Config, data: ImageSet, state_dict: dict[str, Tensor] | None = None) -> MultiTaskNet:
+    """The run's model for images like `data`'s (channels, classes, size), with `state_dict` loaded if given."""
+    model = MultiTaskNet(in_channels=data.channels, num_classes=data.num_classes, width=config.model.width,
+                         encoder=config.model.encoder, image_size=data.images.shape[2:])
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
 
 
 def per_example_losses(

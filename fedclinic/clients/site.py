@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from fedclinic.clients.training import resolve_device, train_locally
+from fedclinic.clients.training import resolve_device, round_lr_scale, train_locally
 from fedclinic.config import Config, check_site_size
 from fedclinic.data import ImageSet, load_site_file, site_data
 from fedclinic.evaluation import evaluate
-from fedclinic.model import MultiTaskNet
+from fedclinic.model import build_model
 from fedclinic.privacy.ledger import Ledger, make_plan
 
 
@@ -39,13 +39,6 @@ class Site:
         if self.data_path is not None:
             return load_site_file(self.data_path)
         return site_data(config.data, self.index, self.count)
-
-
-def build_model(config: Config, data: ImageSet, state_dict: dict[str, torch.Tensor] | None = None) -> MultiTaskNet:
-    model = MultiTaskNet(in_channels=data.channels, num_classes=data.num_classes, width=config.model.width)
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    return model
 
 
 def train_round(config: Config, site: Site, state_dict: dict, *, server_round: int,
@@ -107,6 +100,7 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
         noise_multiplier=sigma,
         seed=config.data.seed * 100_003 + site.index * 1009 + server_round,
         proximal_mu=mu,
+        lr_scale=round_lr_scale(config.training, server_round, config.federation.rounds),
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     stats = {"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,

@@ -4,6 +4,11 @@ Flower-free. The Flower handler in clients/app.py hands in the global model,
 the site's data and the noise multiplier from the site's ledger, and gets
 back what the round did.
 
+With `training.augment` "scanner" (the default), every image of a batch is
+seen through `training.augment-views` randomly different scanners
+(fedclinic.data.augment); under DP the views' gradients are averaged per
+record before clipping, so each record still gives one clipped gradient.
+
 With `robustness.train-attack` fgsm or pgd, a share of every batch is
 replaced by adversarial versions of its own images, crafted against the
 current model, before the (DP-)SGD step. Each adversarial image stands in for
@@ -13,6 +18,7 @@ privacy accounting (sigma, q, steps, epsilon) is that of clean training.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,11 +30,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedclinic.config import PrivacyConfig, RobustnessConfig, TrainingConfig
 from fedclinic.data import ImageSet
+from fedclinic.data.augment import scanner_views
 from fedclinic.evaluation.adversarial import perturb
 from fedclinic.model import multitask_loss
 
 # robustness.* as configured by default (frozen, so one instance serves every call)
 DEFAULT_ROBUSTNESS = RobustnessConfig()
+# the augmentation's random stream is the training seed's, shifted: batches, DP noise and the
+# adversarial draws stay those of training without augmentation
+AUGMENT_SEED_OFFSET = 7919
+# cosine schedule: the last round trains at this share of the learning rate
+FINAL_LR_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -128,6 +140,26 @@ def add_proximal_gradient(params: list[nn.Parameter], anchor: list[Tensor], mu: 
             p.grad = p.grad + pull
 
 
+def average_views(params: list[nn.Parameter], *, records: int, views: int) -> None:
+    """Per-example gradients of `views` rows per record (rows i * views + k) -> one per record, their mean.
+
+    Opacus computes a gradient per row of the batch; averaging a record's
+    rows before the optimizer clips makes them one example's gradient, of
+    norm at most the clipping norm, so the views cost no privacy
+    (augmentation multiplicity, De et al. 2022).
+    """
+    for p in params:
+        p.grad_sample = p.grad_sample.view(records, views, *p.shape).mean(dim=1)
+
+
+def round_lr_scale(training: TrainingConfig, server_round: int, rounds: int) -> float:
+    """The share of the learning rate a round trains at: 1 throughout, or cosine from 1 down to FINAL_LR_SHARE."""
+    if training.schedule == "constant" or rounds <= 1:
+        return 1.0
+    progress = (server_round - 1) / (rounds - 1)
+    return FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train_locally(
     model: nn.Module,
     data: ImageSet,
@@ -139,25 +171,32 @@ def train_locally(
     seed: int,
     robustness: RobustnessConfig = DEFAULT_ROBUSTNESS,
     proximal_mu: float = 0.0,
+    lr_scale: float = 1.0,
 ) -> LocalResult:
     """Train `model` in place on the site's data for `training.local_epochs` epochs.
 
-    With `robustness.train_attack` other than "none", every batch is first
-    mixed with adversarial images (`mix_adversarial`). With `proximal_mu` > 0
-    (FedProx), the loss is that of a batch plus mu/2 * ||w - w_start||^2,
-    w_start being the global model the round starts from.
+    With `training.augment` "scanner", each record of a batch is seen as
+    `training.augment_views` augmented views, whose gradients are averaged
+    per record before clipping. With `robustness.train_attack` other than
+    "none", every batch is then mixed with adversarial images
+    (`mix_adversarial`). With `proximal_mu` > 0 (FedProx), the loss is that of
+    a batch plus mu/2 * ||w - w_start||^2, w_start being the global model the
+    round starts from. `lr_scale` multiplies the learning rate (the round's
+    share of it, `round_lr_scale`).
     """
     device = resolve_device(training.device)
     torch.manual_seed(seed)
     # the attack's own random draws (which rows, PGD's starts): batches and DP noise come from
     # the global generator, and stay the same as in clean training with the same seed
     attack_generator = torch.Generator(device=device).manual_seed(seed)
+    augment_generator = torch.Generator(device=device).manual_seed(seed + AUGMENT_SEED_OFFSET)
     adversarial = robustness.train_attack != "none"
+    views = training.augment_views if training.augment == "scanner" else 1
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if proximal_mu else []
     loader = DataLoader(as_dataset(data), batch_size=training.batch_size, shuffle=True)
-    lr = training.learning_rate if privacy.local else training.baseline_learning_rate
+    lr = lr_scale * (training.learning_rate if privacy.local else training.baseline_learning_rate)
     if training.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     else:
@@ -185,6 +224,10 @@ def train_locally(
         for images, labels, boxes in loader:
             x = images.to(device, torch.float32).div_(255)
             labels, boxes = labels.to(device), boxes.to(device)
+            records = len(labels)
+            if training.augment == "scanner":
+                x = scanner_views(x, views=views, generator=augment_generator)
+                labels, boxes = labels.repeat_interleave(views), boxes.repeat_interleave(views, dim=0)
             if adversarial:
                 x = mix_adversarial(model, x, labels, boxes, robustness=robustness, generator=attack_generator)
             # cleared before the forward pass: Opacus's "ew" mode collects per-sample
@@ -193,6 +236,8 @@ def train_locally(
             logits, pred_boxes = model(x)
             loss, _ = multitask_loss(logits, pred_boxes, labels, boxes, box_weight=box_weight)
             loss.backward()
+            if privacy.local and views > 1:
+                average_views(params, records=records, views=views)
             if proximal_mu:
                 add_proximal_gradient(params, anchor, proximal_mu, private=privacy.local)
             if not privacy.local:

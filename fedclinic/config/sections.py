@@ -58,14 +58,21 @@ class DataConfig:
         _require(0 <= self.val_fraction < 0.5, f"data.val-fraction must be in [0, 0.5), got {self.val_fraction}")
 
 
+ENCODERS = ("scattering", "cnn")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    # channels of the first convolution; the encoder doubles it twice
+    # scattering (a fixed wavelet scattering transform, then two trained conv blocks:
+    # learns far better under DP) or cnn (four trained conv blocks)
+    encoder: str = "scattering"
+    # channels of the trained conv blocks (the cnn encoder doubles them twice on the way)
     width: int = 16
     # lambda: weight of the box loss next to the classification loss
     box_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        _require(self.encoder in ENCODERS, f"model.encoder must be scattering or cnn, got {self.encoder!r}")
         _require(self.width >= 4, f"model.width must be at least 4, got {self.width}")
         _require(self.box_weight >= 0, f"model.box-weight must be >= 0, got {self.box_weight}")
 
@@ -88,6 +95,15 @@ class TrainingConfig:
     momentum: float = 0.9
     # auto (a GPU when one is present, else the CPU), cpu, or cuda
     device: str = "auto"
+    # scanner (each image seen through randomly different gamma, contrast, brightness and
+    # sensor noise) or none
+    augment: str = "scanner"
+    # augmented views of each record per step; under DP their gradients are averaged before
+    # clipping, so more views cost compute, not privacy
+    augment_views: int = 1
+    # learning rate over the rounds: cosine (from the full rate down to a tenth in the last
+    # round) or constant
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
         _require(self.local_epochs >= 1, f"training.local-epochs must be >= 1, got {self.local_epochs}")
@@ -103,6 +119,10 @@ class TrainingConfig:
             self.device in ("auto", "cpu", "cuda"),
             f"training.device must be auto, cpu or cuda, got {self.device!r}",
         )
+        _require(self.augment in ("scanner", "none"), f"training.augment must be scanner or none, got {self.augment!r}")
+        _require(self.augment_views >= 1, f"training.augment-views must be at least 1, got {self.augment_views}")
+        _require(self.schedule in ("cosine", "constant"),
+                 f"training.schedule must be cosine or constant, got {self.schedule!r}")
 
 
 MODES = ("local", "central", "both", "off")
