@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from logging import INFO, WARNING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -18,9 +17,8 @@ from fedclinic.config import check_federation, check_sites, from_run_config
 from fedclinic.data import server_test_set, site_sizes
 from fedclinic.evaluation import evaluate
 from fedclinic.evaluation.adversarial import fgsm_check
-from fedclinic.model import MultiTaskNet
 from fedclinic.report import RunRecorder, run_directory
-from fedclinic.server.checkpoint import load_checkpoint, save_checkpoint
+from fedclinic.server.checkpoint import initial_model, load_checkpoint, save_checkpoint
 from fedclinic.server.post_training import post_training, sample
 from fedclinic.strategies.fedavg import FederationStopped, build_strategy, wait_for_sites
 
@@ -46,8 +44,7 @@ def main(grid: Grid, context: Context) -> None:
     resumed = load_checkpoint(run_dir) if config.output.resume else None
     recorder = RunRecorder(run_dir, config, started=started, resumed=resumed and resumed["state"]["central"])
     test_set = server_test_set(config.data)
-    torch.manual_seed(config.data.seed)
-    model = MultiTaskNet(in_channels=test_set.channels, num_classes=test_set.num_classes, width=config.model.width)
+    model = initial_model(config, test_set)
     device = resolve_device(config.training.device)
     model.to(device)
     strategy = build_strategy(config, sites=nodes, rounds=fed.rounds)

@@ -1,5 +1,6 @@
 """The server's checkpoint: the global model, the last finished round and the strategy's state.
 
+    model = initial_model(config, test_set)   # round 0: the global model before any site trained
     save_checkpoint(run_dir, server_round, state_dict, state)
     found = load_checkpoint(run_dir)     # {"round", "arrays", "state"}; CheckpointError if absent/broken
 
@@ -19,11 +20,22 @@ from pathlib import Path
 
 import torch
 
+from fedclinic.config import Config
+from fedclinic.data import ImageSet
+from fedclinic.model import MultiTaskNet
+
 FILE = "checkpoint.pt"
 
 
 class CheckpointError(ValueError):
     """A run cannot be resumed; the message says why."""
+
+
+def initial_model(config: Config, data: ImageSet) -> MultiTaskNet:
+    """The global model of round 0, for images and classes like `data`: torch seeded with data.seed, so every
+    run of a configuration (and its baselines, fedclinic.baselines) starts from the same weights."""
+    torch.manual_seed(config.data.seed)
+    return MultiTaskNet(in_channels=data.channels, num_classes=data.num_classes, width=config.model.width)
 
 
 def save_checkpoint(run_dir: Path, server_round: int, state_dict: dict[str, torch.Tensor], state: dict) -> Path:
