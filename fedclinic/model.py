@@ -173,6 +173,13 @@ def build_model(config: Config, data: ImageSet, state_dict: dict[str, Tensor] | 
     return model
 
 
+def initial_model(config: Config, data: ImageSet) -> MultiTaskNet:
+    """The global model of round 0, for images and classes like `data`: torch seeded with data.seed, so every
+    run of a configuration (and its baselines, fedclinic.baselines) starts from the same weights."""
+    torch.manual_seed(config.data.seed)
+    return build_model(config, data)
+
+
 def per_example_losses(
     logits: Tensor, pred_boxes: Tensor, labels: Tensor, true_boxes: Tensor | None
 ) -> tuple[Tensor, Tensor]:

@@ -141,8 +141,77 @@ def _explanations_section(found: dict) -> list[str]:
     return lines + ["", "![explanations](explanations.png)", ""]
 
 
+def comparison_rows(results: dict) -> list[tuple[str, dict, float | None]]:
+    """(model, its scores on the server's test set, record-level epsilon spent) for the federated model (when the
+    results have one), the pooled models and silo's mean, worst and best site (worst and best per metric)."""
+    pooled, silo = results["baselines"]["pooled"], results["baselines"]["silo"]
+    rows = []
+    if "final" in results:
+        rows.append(("federated", results["final"],
+                     results["final"]["max_epsilon"] if results["privacy"]["record_level"] else None))
+    for key, label in (("non_private", "pooled, non-private"), ("private", "pooled, DP-SGD")):
+        if pooled[key]:
+            rows.append((label, pooled[key]["test"], pooled[key]["epsilon"]))
+    for key in ("mean", "worst", "best"):
+        rows.append((f"silo, {key} site" if key != "mean" else "silo, mean of sites", silo["test"][key],
+                     silo["max_epsilon"]))
+    return rows
+
+
+def format_comparison(results: dict) -> str:
+    """The federated, pooled and silo models on the server's test set, as the commands print them."""
+    lines = [f"{'model':<20}  {'accuracy':>8}  {'IoU':>6}  {'rec eps':>7}", "-" * 47]
+    for label, scores, eps in comparison_rows(results):
+        lines.append(f"{label:<20}  {format_metric(scores['accuracy']):>8}  {format_metric(scores['iou']):>6}  "
+                     f"{format_metric(eps, '.2f'):>7}")
+    return "\n".join(lines)
+
+
+def _baselines_section(results: dict) -> list[str]:
+    """Federated vs pooled vs silo on the server's test set; silo on the sites' own validation splits too."""
+    pooled, silo = results["baselines"]["pooled"], results["baselines"]["silo"]
+    some = pooled["private"] or pooled["non_private"]
+    lines = [
+        "## Federated vs pooled vs silo",
+        f"The same model, started from the federation's initial weights and trained by the sites' own local "
+        f"training for {some['epochs']} epoch(s) over its data (the passes a site makes in the federation), scored "
+        f"on the server's held-out test set ({some['test']['n']} images). **Pooled**: the training data of all "
+        f"{pooled['sites']} sites in one place ({some['n']} images). **Silo**: each site alone on its own data. "
+        f"Privacy: {pooled['note']}. Worst and best are per column; rec eps is the record-level epsilon spent "
+        "(silo: the most any site spent).",
+        "",
+        "| model | accuracy | F1 | IoU | rec eps |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for label, scores, eps in comparison_rows(results):
+        lines.append(f"| {label} | {format_metric(scores['accuracy'])} | {format_metric(scores['f1'])} | "
+                     f"{format_metric(scores['iou'])} | {format_metric(eps, '.2f')} |")
+    lines += ["", "Silo, each site on its own validation split:", "",
+              "| | accuracy | F1 | IoU |", "| --- | ---: | ---: | ---: |"]
+    for key in ("mean", "worst", "best"):
+        v = silo["val"][key]
+        lines.append(f"| {key} | {format_metric(v['accuracy'])} | {format_metric(v['f1'])} | {format_metric(v['iou'])} |")
+    lines += ["", "| site | images | sigma | eps spent | test accuracy | test IoU | own val accuracy | own val IoU | "
+              "val images |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in silo["sites"]:
+        lines.append(f"| {s['site']} | {s['n']} | {format_metric(s['sigma'])} | {format_metric(s['epsilon'], '.2f')} | "
+                     f"{format_metric(s['test']['accuracy'])} | {format_metric(s['test']['iou'])} | "
+                     f"{format_metric(s['val']['accuracy'])} | {format_metric(s['val']['iou'])} | {s['val']['n']} |")
+    return lines + [""]
+
+
+def render_baselines_report(results: dict) -> str:
+    """report.md of a run directory that holds baselines and no federation (`fedclinic baselines` alone)."""
+    lines = [f"# fedclinic baselines `{results['run']}`", "",
+             "No federation ran here: these are the pooled and silo baselines of the configuration in config.toml "
+             "(`fedclinic simulate --baselines` runs both).", ""]
+    return "\n".join(lines + _baselines_section(results)) + "\n"
+
+
 def _post_training_sections(results: dict) -> list[str]:
     lines = [""]
+    if results.get("baselines"):
+        lines += _baselines_section(results)
     if results.get("robustness"):
         lines += _robustness_section(results["robustness"])
     if results.get("compression"):
@@ -214,7 +283,7 @@ def render_html(markdown: str, path: Path) -> str:
 
 
 def write_reports(results: dict, path: Path) -> None:
-    """report.md and report.html into the run directory `path`."""
-    markdown = render_report(results, path)
+    """report.md and report.html into the run directory `path` (of the baselines alone when no federation ran)."""
+    markdown = render_report(results, path) if "rounds" in results else render_baselines_report(results)
     (path / "report.md").write_text(markdown)
     (path / "report.html").write_text(render_html(markdown, path))

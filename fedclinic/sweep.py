@@ -12,7 +12,8 @@ norm when --clipping-norms is given.
 
 <out>/<name>/
   <point>/          one complete run directory per point: baseline, eps-3, sigma-1, eps-3-clip-0.5, ...
-  sweep.csv         a row per point (COLUMNS below)
+  sweep.csv         a row per point (COLUMNS below); with --baselines also the pooled and silo models at
+                    the point's privacy setting (fedclinic.baselines), trained in the CLI's process
   accuracy_vs_epsilon.png, iou_vs_epsilon.png, robust_accuracy_vs_epsilon.png
                     the trade-off (log epsilon; the baseline as a dashed line)
 
@@ -35,9 +36,14 @@ from typing import Callable, Iterable
 from fedclinic.config import Config, ConfigError, load_config, replace
 from fedclinic.simulation import SimulationError
 
-# robust_accuracy: accuracy under the configured attack at the largest robustness.eps (empty when it is off)
+# robust_accuracy: accuracy under the configured attack at the largest robustness.eps (empty when it is off);
+# pooled_* and silo_*: the baselines at the point's privacy setting, on the server's test set (empty without
+# --baselines): the pooled model (DP-SGD at a private point), silo's mean, worst and best site
 COLUMNS = ("point", "mode", "target_epsilon", "noise_multiplier", "max_grad_norm", "max_epsilon",
-           "accuracy", "f1", "iou", "robust_accuracy", "audit_auc", "wall_seconds", "run_dir")
+           "accuracy", "f1", "iou", "robust_accuracy", "audit_auc",
+           "pooled_accuracy", "pooled_iou", "pooled_epsilon",
+           "silo_accuracy", "silo_worst_accuracy", "silo_best_accuracy", "silo_iou", "silo_max_epsilon",
+           "wall_seconds", "run_dir")
 
 
 @dataclass(frozen=True)
@@ -125,9 +131,26 @@ def point_row(point: Point, results: dict) -> dict:
         "iou": final["iou"],
         "robust_accuracy": robust_accuracy(results),
         "audit_auc": results.get("audit", {}).get("auc"),  # membership inference, when privacy.audit is on
+        **baseline_cells(results.get("baselines")),
         "wall_seconds": results["timings"].get("wall_seconds"),
         "run_dir": str(point.run_dir),
     }
+
+
+def baseline_cells(baselines: dict | None) -> dict:
+    """The pooled_* and silo_* cells of a row: the pooled model of the point's privacy setting, silo's summary."""
+    cells = dict.fromkeys(c for c in COLUMNS if c.startswith(("pooled_", "silo_")))
+    if not baselines:
+        return cells
+    pooled, silo = baselines["pooled"], baselines["silo"]
+    model = pooled["private"] or pooled["non_private"]  # a private point's sweep trains only the DP-SGD one
+    test = silo["test"]
+    cells.update(pooled_accuracy=model["test"]["accuracy"], pooled_iou=model["test"]["iou"],
+                 pooled_epsilon=model["epsilon"], silo_accuracy=test["mean"]["accuracy"],
+                 silo_worst_accuracy=test["worst"]["accuracy"], silo_best_accuracy=test["best"]["accuracy"],
+                 silo_iou=test["mean"]["iou"],
+                 silo_max_epsilon=silo["max_epsilon"])
+    return cells
 
 
 def _cell(value, spec: str = ".3f") -> str:
@@ -145,18 +168,28 @@ def setting(point: Point) -> str:
 
 
 def describe(row: dict) -> str:
+    baselines = "" if row["silo_accuracy"] is None else \
+        f"; pooled accuracy {_cell(row['pooled_accuracy'])}, silo {_cell(row['silo_accuracy'])} (mean of sites)"
     return (f"accuracy {_cell(row['accuracy'])}, IoU {_cell(row['iou'])}, eps spent {_cell(row['max_epsilon'], '.2f')}, "
-            f"{_cell(row['wall_seconds'], '.0f')} s")
+            f"{_cell(row['wall_seconds'], '.0f')} s{baselines}")
 
 
-def run_points(points: list[Point], *, run_point: Callable[[Config], dict],
-               say: Callable[[str], None]) -> list[dict]:
-    """Run (or reuse) every point in order; `run_point(config)` runs one simulation and returns its results."""
+def run_points(points: list[Point], *, run_point: Callable[[Config], dict], say: Callable[[str], None],
+               add_baselines: Callable[[Point], dict] | None = None) -> list[dict]:
+    """Run (or reuse) every point in order; `run_point(config)` runs one simulation and returns its results.
+
+    With `add_baselines`, a point whose results have no baselines yet gets them: `add_baselines(point)` trains
+    them into its run directory and returns its results with them.
+    """
     rows = []
     for i, point in enumerate(points, 1):
         head = f"[{i}/{len(points)}] {point.label}"
         if reusable(point):
-            rows.append(point_row(point, json.loads((point.run_dir / "results.json").read_text())))
+            results = json.loads((point.run_dir / "results.json").read_text())
+            if add_baselines and "baselines" not in results:
+                say(f"{head}: reusing the finished run in {point.run_dir}; training its baselines")
+                results = add_baselines(point)
+            rows.append(point_row(point, results))
             say(f"{head}: reused the finished run in {point.run_dir}: {describe(rows[-1])}")
             continue
         if point.run_dir.exists():
@@ -167,6 +200,8 @@ def run_points(points: list[Point], *, run_point: Callable[[Config], dict],
             results = run_point(point.config)
         except SimulationError as err:
             raise SimulationError(f"sweep point {point.label}: {err}") from None
+        if add_baselines:
+            results = add_baselines(point)
         rows.append(point_row(point, results))
         say(f"{head}: done: {describe(rows[-1])}")
     return rows
@@ -195,11 +230,15 @@ def write_sweep(rows: list[dict], sweep_dir: Path) -> list[Path]:
 
 
 def format_points(rows: list[dict]) -> str:
-    """The short table `fedclinic sweep` ends with."""
-    lines = [f"{'point':<20}  {'eps spent':>9}  {'accuracy':>8}  {'f1':>6}  {'IoU':>6}  {'robust':>6}  {'MIA AUC':>7}",
-             "-" * 74]
+    """The short table `fedclinic sweep` ends with; pooled and silo accuracy when the baselines ran."""
+    baselines = any(r["silo_accuracy"] is not None for r in rows)
+    extra = f"  {'pooled':>6}  {'silo':>6}  {'worst':>6}" if baselines else ""
+    lines = [f"{'point':<20}  {'eps spent':>9}  {'accuracy':>8}  {'f1':>6}  {'IoU':>6}  {'robust':>6}  {'MIA AUC':>7}"
+             + extra, "-" * (74 + len(extra))]
     for r in rows:
+        cells = (f"  {_cell(r['pooled_accuracy']):>6}  {_cell(r['silo_accuracy']):>6}  "
+                 f"{_cell(r['silo_worst_accuracy']):>6}") if baselines else ""
         lines.append(f"{r['point']:<20}  {_cell(r['max_epsilon'], '.2f'):>9}  {_cell(r['accuracy']):>8}  "
                      f"{_cell(r['f1']):>6}  {_cell(r['iou']):>6}  {_cell(r['robust_accuracy']):>6}  "
-                     f"{_cell(r['audit_auc']):>7}")
+                     f"{_cell(r['audit_auc']):>7}" + cells)
     return "\n".join(lines)

@@ -11,7 +11,8 @@ from fedclinic import cli
 from fedclinic.cli import run as cli_run
 from fedclinic.config import ConfigError, load_config, replace
 from fedclinic.report import run_directory
-from fedclinic.sweep import COLUMNS, build_points, parse_values, point_row, run_points, write_csv, write_sweep
+from fedclinic.sweep import (COLUMNS, build_points, format_points, parse_values, point_row, run_points, write_csv,
+                             write_sweep)
 
 TINY = ["--sites", "2", "--rounds", "1", "--set", "data.site-size=160", "--set", "data.test-size=100",
         "--set", "training.batch-size=32", "--set", "training.local-epochs=1",
@@ -245,3 +246,53 @@ def test_a_real_sweep_writes_its_table_and_plots_and_reruns_only_what_is_missing
     assert "[1/2] baseline: started" in out and "[2/2] eps-3: reused" in out
     assert (sweep_dir / "baseline" / "results.json").exists()
     assert (sweep_dir / "eps-3" / "results.json").stat().st_mtime_ns == finished["eps-3"]
+
+
+# --- baselines ----------------------------------------------------------------
+
+def fake_baselines(*, private: bool) -> dict:
+    """The results.json section fedclinic.baselines writes, with only what the sweep reads."""
+    model = {"test": {"accuracy": 0.7, "iou": 0.5}, "epsilon": 3.0 if private else None}
+    return {"pooled": {"non_private": None if private else model, "private": model if private else None},
+            "silo": {"private": private, "max_epsilon": 2.9 if private else None,
+                     "test": {"mean": {"accuracy": 0.5, "iou": 0.3}, "worst": {"accuracy": 0.4},
+                              "best": {"accuracy": 0.6}}}}
+
+
+def test_the_baselines_of_each_point_fill_the_pooled_and_silo_columns_and_the_table(tmp_path):
+    # Prepare
+    baseline, eps = build_points(base_config(tmp_path), epsilons=(3.0,))
+    without = [point_row(baseline, fake_results()), point_row(eps, fake_results())]
+    # Execute
+    rows = [point_row(baseline, fake_results(baselines=fake_baselines(private=False))),
+            point_row(eps, fake_results(baselines=fake_baselines(private=True)))]
+    write_csv(rows, tmp_path / "sweep.csv")
+    # Assert: the non-private point shows the non-private pooled model, the private one the DP-SGD one
+    written = csv_rows(tmp_path / "sweep.csv")
+    assert [(r["pooled_accuracy"], r["pooled_epsilon"], r["silo_max_epsilon"]) for r in written] == [
+        ("0.7", "", ""), ("0.7", "3.0", "2.9")]
+    assert (written[1]["silo_accuracy"], written[1]["silo_worst_accuracy"], written[1]["silo_best_accuracy"]) == (
+        "0.5", "0.4", "0.6")
+    assert all(without[0][c] is None for c in COLUMNS if c.startswith(("pooled_", "silo_")))
+    assert "pooled" in format_points(rows).splitlines()[0] and "pooled" not in format_points(without)
+
+
+def test_with_baselines_every_point_gets_them_once_also_a_reused_one(tmp_path):
+    # Prepare: the baseline point finished before, without baselines
+    baseline, eps = build_points(base_config(tmp_path), epsilons=(3.0,))
+    fake_run(baseline.config)
+    added = []
+
+    def add_baselines(point):
+        added.append(point.label)
+        results = json.loads((point.run_dir / "results.json").read_text())
+        results["baselines"] = fake_baselines(private=point.config.privacy.local)
+        (point.run_dir / "results.json").write_text(json.dumps(results))
+        return results
+
+    # Execute: twice
+    rows = run_points([baseline, eps], run_point=fake_run, say=lambda line: None, add_baselines=add_baselines)
+    again = run_points([baseline, eps], run_point=fake_run, say=lambda line: None, add_baselines=add_baselines)
+    # Assert
+    assert added == ["baseline", "eps-3"]
+    assert [r["silo_accuracy"] for r in rows] == [r["silo_accuracy"] for r in again] == [0.5, 0.5]

@@ -3,6 +3,8 @@
     fedclinic simulate                                   # 5 synthetic sites, DP on (eps = 8 per site)
     fedclinic simulate --sites 8 --rounds 6 --set privacy.target-epsilon=3
     fedclinic simulate --data my.npz --set data.partitioner=iid
+    fedclinic simulate --baselines                       # and the pooled and silo baselines beside it
+    fedclinic baselines runs/NAME                        # pooled and silo baselines of a run, no Flower
     fedclinic sweep --epsilons 1,3,8 --noise-multipliers 0.5,1.0   # accuracy and IoU against epsilon
     fedclinic budget --plan --set privacy.target-epsilon=3          # sigma and epsilon per site and round
     fedclinic ledger show runs/NAME/sites/site-0                    # what a site has spent
@@ -11,7 +13,7 @@
     fedclinic certs --out certs --hosts localhost,127.0.0.1 --supernodes 3   # TLS + SuperNode auth files
     fedclinic demo                                       # SuperLink + 3 SuperNodes on loopback, TLS + auth
 
-run.py holds the commands that run federations, privacy.py the privacy
+run.py holds the commands that run federations, baselines.py `fedclinic baselines`, privacy.py the privacy
 commands, evaluate.py `fedclinic evaluate`, certs.py `fedclinic certs`, deploy.py `fedclinic demo`, options.py what
 simulate and sweep share.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fedclinic.cli.baselines import baselines, baselines_parser
 from fedclinic.cli.certs import certs, certs_parser
 from fedclinic.cli.deploy import demo, demo_parser
 from fedclinic.cli.evaluate import evaluate, evaluate_parser
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedclinic", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     simulate_parser(sub)
+    baselines_parser(sub)
     budget_parser(sub)
     sweep_parser(sub)
     ledger_parser(sub)
@@ -49,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from fedclinic.server.checkpoint import CheckpointError
 
     try:
-        commands = {"simulate": simulate, "budget": budget, "sweep": sweep, "ledger": ledger, "audit": audit,
-                    "evaluate": evaluate, "certs": certs, "demo": demo}
+        commands = {"simulate": simulate, "baselines": baselines, "budget": budget, "sweep": sweep, "ledger": ledger,
+                    "audit": audit, "evaluate": evaluate, "certs": certs, "demo": demo}
         return commands[args.command](args)
     except (ConfigError, DataError, FlowerError, LedgerError, AuditError, CheckpointError) as err:
         print(f"fedclinic: error: {err}", file=sys.stderr)

@@ -55,17 +55,23 @@ RESUMABLE = ("federation.round-timeout", "federation.rejoin-wait", "output.quiet
              "explain.", "privacy.audit")
 
 
+def refuse_changes(args: argparse.Namespace, *, who: str, may_change: tuple[str, ...], why: str) -> None:
+    """Refuse options that would change the config.toml of a run directory: any of the run options, and a --set
+    of a key that does not start with one of `may_change`; `who` is the command, `why` why it may not."""
+    given = [f"--{flag}" for flag in ("config", "sites", "rounds", "data", "out", "name") if getattr(args, flag)]
+    if given:
+        raise ConfigError(f"{who} uses the run's own config.toml; {', '.join(given)} cannot change it")
+    fixed = [key for key in (parse_override(text)[0] for text in args.set) if not key.startswith(may_change)]
+    if fixed:
+        raise ConfigError(f"{who} cannot change {fixed[0]}: {why} (only {', '.join(may_change)} may change)")
+
+
 def resolve_resume(args: argparse.Namespace) -> Config:
     """The Config of the run in args.resume, to continue from its checkpoint (--set still applies)."""
     from fedclinic.server.checkpoint import load_checkpoint
 
-    given = [f"--{flag}" for flag in ("config", "sites", "rounds", "data", "out", "name") if getattr(args, flag)]
-    if given:
-        raise ConfigError(f"--resume continues a run with its own config.toml; {', '.join(given)} cannot change it")
-    fixed = [text for text in args.set if not parse_override(text)[0].startswith(RESUMABLE)]
-    if fixed:
-        raise ConfigError(f"--resume cannot change {parse_override(fixed[0])[0]}: the sites' ledgers and the "
-                          f"checkpoint were made with the run's own value (only {', '.join(RESUMABLE)} may change)")
+    refuse_changes(args, who="--resume", may_change=RESUMABLE,
+                   why="the sites' ledgers and the checkpoint were made with the run's own value")
     run_dir = Path(args.resume).resolve()
     found = load_checkpoint(run_dir)  # refuses a directory with nothing to resume, before anything starts
     config = load_config(run_dir / "config.toml", list(args.set))

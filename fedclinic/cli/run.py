@@ -1,4 +1,4 @@
-"""The commands that run federations: `fedclinic simulate` and `fedclinic sweep`."""
+"""The commands that run federations: `fedclinic simulate` and `fedclinic sweep` (each optionally with baselines)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from fedclinic.cli.baselines import baselines_into_run
 from fedclinic.cli.options import (add_run_options, check_config, describe_privacy, progress_printer, resolve,
                                    resolve_resume)
 from fedclinic.cli.privacy import audit_into_run, format_audit
@@ -26,6 +27,9 @@ def simulate_parser(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a run whose server stopped, from its checkpoint.pt, with its own config.toml "
                         "(--set still applies); it ends with the number of rounds that run was given")
+    p.add_argument("--baselines", action="store_true",
+                   help="after the federation, train the pooled and silo baselines in this process (no Flower) into "
+                        "the same run directory, as `fedclinic baselines RUN_DIR` does")
 
 
 def run_once(config: Config, run_dir: Path, say: Callable[[str], None]) -> dict:
@@ -82,6 +86,9 @@ def simulate(args: argparse.Namespace) -> int:
     what = "resuming" if config.output.resume else "fedclinic:"
     say(f"{what} {fed.sites} sites, {fed.rounds} rounds, {describe_privacy(config)} -> {run_dir}")
     results = run_once(config, run_dir, say)
+    if args.baselines:
+        say("  pooled and silo baselines, in this process ...")
+        results = baselines_into_run(run_dir, config, say)
     print_results(results, run_dir)
     return 0
 
@@ -89,8 +96,11 @@ def simulate(args: argparse.Namespace) -> int:
 def print_results(results: dict, run_dir: Path) -> None:
     """The round table and one line per finding: what simulate and demo print at the end."""
     from fedclinic.report import format_table
+    from fedclinic.report_text import format_comparison
 
     print(format_table(results))
+    if "baselines" in results:
+        print(format_comparison(results))
     for site in results["sites"]:
         if site["stopped_in_round"]:
             print(f"site {site['site']} stopped before round {site['stopped_in_round']}: its budget of epsilon "
@@ -118,6 +128,9 @@ def sweep_parser(sub) -> None:
     p.add_argument("--noise-multipliers", metavar="S,S,...",
                    help="fixed noise multipliers, e.g. 0.5,1.0 (a site stops when privacy.target-epsilon would be exceeded)")
     p.add_argument("--clipping-norms", metavar="C,C,...", help="per-example clipping norms to cross every private point with")
+    p.add_argument("--baselines", action="store_true",
+                   help="also the pooled and silo baselines of every point, in this process: at the non-private "
+                        "point non-private, at each private point with DP-SGD at that point's epsilon")
     add_run_options(p, name_help="name of the sweep's directory (output.name, default sweep-<hash of these options>, "
                                   "so the same command finds the same sweep)")
 
@@ -128,7 +141,8 @@ def sweep(args: argparse.Namespace) -> int:
 
     if args.epsilons is None and args.noise_multipliers is None:
         raise ConfigError("sweep needs --epsilons (e.g. 1,3,8) or --noise-multipliers (e.g. 0.5,1.0), or both")
-    options = {k: v for k, v in vars(args).items() if k not in ("quiet", "name")}
+    # --baselines is left out: the same sweep with it adds the baselines to the points already finished
+    options = {k: v for k, v in vars(args).items() if k not in ("quiet", "name", "baselines")}
     points = build_points(resolve(args, default_name=default_name(options)),
                           epsilons=parse_values(args.epsilons, "--epsilons"),
                           noise_multipliers=parse_values(args.noise_multipliers, "--noise-multipliers"),
@@ -140,8 +154,13 @@ def sweep(args: argparse.Namespace) -> int:
     say = progress_printer(base)
     say(f"fedclinic sweep: {len(points)} points ({', '.join(p.label for p in points)}), "
         f"{base.federation.sites} sites, {base.federation.rounds} round(s) each -> {sweep_dir}")
+    # the non-private pooled model once, at the baseline point; every private point its DP-SGD pooled model
+    add_baselines = (lambda point: baselines_into_run(point.run_dir, point.config, say,
+                                                      non_private=point.config.privacy.mode == "off")
+                     ) if args.baselines else None
     try:
-        rows = run_points(points, run_point=lambda config: run_once(config, run_directory(config), say), say=say)
+        rows = run_points(points, run_point=lambda config: run_once(config, run_directory(config), say), say=say,
+                          add_baselines=add_baselines)
     except KeyboardInterrupt:
         done = sum(reusable(point) for point in points)
         print(f"fedclinic: sweep interrupted with {done} of {len(points)} points done; every process it started has "

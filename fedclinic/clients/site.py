@@ -41,6 +41,11 @@ class Site:
         return site_data(config.data, self.index, self.count)
 
 
+def training_seed(config: Config, site: int, server_round: int) -> int:
+    """The seed of a site's local training in a round (its batches, DP noise and attacks): one per site and round."""
+    return config.data.seed * 100_003 + site * 1009 + server_round
+
+
 def train_round(config: Config, site: Site, state_dict: dict, *, server_round: int,
                 proximal_mu: float = 0.0) -> tuple[dict, dict, str]:
     """One round of local training: (new state dict, metrics for the server, reason if it declined).
@@ -98,7 +103,7 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
         robustness=config.robustness,
         box_weight=config.model.box_weight,
         noise_multiplier=sigma,
-        seed=config.data.seed * 100_003 + site.index * 1009 + server_round,
+        seed=training_seed(config, site.index, server_round),
         proximal_mu=mu,
         lr_scale=round_lr_scale(config.training, server_round, config.federation.rounds),
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from logging import INFO, WARNING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -18,7 +17,7 @@ from fedclinic.config import check_federation, check_sites, from_run_config
 from fedclinic.data import server_test_set, site_sizes
 from fedclinic.evaluation import evaluate
 from fedclinic.evaluation.adversarial import fgsm_check
-from fedclinic.model import build_model
+from fedclinic.model import initial_model
 from fedclinic.report import RunRecorder, run_directory
 from fedclinic.server.checkpoint import load_checkpoint, save_checkpoint
 from fedclinic.server.post_training import post_training, sample
@@ -47,8 +46,7 @@ def main(grid: Grid, context: Context) -> None:
     resumed = load_checkpoint(run_dir) if config.output.resume else None
     recorder = RunRecorder(run_dir, config, started=started, resumed=resumed and resumed["state"]["central"])
     test_set = server_test_set(config.data)
-    torch.manual_seed(config.data.seed)
-    model = build_model(config, test_set)
+    model = initial_model(config, test_set)
     device = resolve_device(config.training.device)
     model.to(device)
     strategy = build_strategy(config, sites=nodes, rounds=fed.rounds)

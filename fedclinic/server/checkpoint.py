@@ -1,5 +1,6 @@
 """The server's checkpoint: the global model, the last finished round and the strategy's state.
 
+    model = initial_model(config, test_set)   # round 0: the global model before any site trained
     save_checkpoint(run_dir, server_round, state_dict, state)
     found = load_checkpoint(run_dir)     # {"round", "arrays", "state"}; CheckpointError if absent/broken
 
@@ -20,6 +21,7 @@ import pickle
 from pathlib import Path
 
 import torch
+
 
 FILE = "checkpoint.pt"
 TENSOR = "__tensor__"  # {TENSOR: i} in the JSON stands for tensors[i]

@@ -1,0 +1,121 @@
+"""`fedclinic baselines`: the pooled and silo baselines of a run, in this process, without Flower.
+
+    fedclinic baselines runs/NAME                  # next to a finished federation, with its config.toml
+    fedclinic baselines --sites 8 --set privacy.target-epsilon=3 --name alone   # no federation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from fedclinic.cli.options import add_run_options, check_config, progress_printer, refuse_changes, resolve
+from fedclinic.config import Config, ConfigError, load_config, replace
+
+# what `fedclinic baselines RUN_DIR` may set differently from the run: where it trains and how loudly
+RUN_DIR_SETTABLE = ("training.device", "output.quiet")
+
+
+def baselines_parser(sub) -> None:
+    p = sub.add_parser(
+        "baselines",
+        help="pooled and single-site (silo) baselines on the federation's test set, with its model and seeds",
+        description="Train, in this process and without Flower, the pooled baselines (every site's training data "
+        "in one place: non-private, and one DP-SGD run at the run's record-level (epsilon, delta)) and the silo "
+        "baselines (each site alone on its own data at its own budget), with the federation's model, initial "
+        "weights, local training and seeds, for as many passes over the data as a site makes in the federation; "
+        "all are scored on the server's test set, silo also on each site's own validation split. "
+        "With RUN_DIR (a run directory of fedclinic simulate): its config.toml is used, baselines.json is written "
+        "into it, and its results.json, when there is one, gets a `baselines` section and report.md/html are "
+        "rendered again (only --quiet and --set training.device may be given). Without RUN_DIR the configuration "
+        "comes from the options, as in simulate, and a new run directory gets config.toml, baselines.json and "
+        "a report of the baselines.",
+    )
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR",
+                   help="a run directory of fedclinic simulate to add the baselines to")
+    add_run_options(p, name_help="name of the baselines' run directory (output.name, default a timestamp)")
+
+
+def baselines(args: argparse.Namespace) -> int:
+    from fedclinic.report import run_directory
+    from fedclinic.report_text import format_comparison
+
+    if args.run_dir:
+        run_dir = Path(args.run_dir).resolve()
+        config = run_dir_config(args, run_dir)
+        check_config(config)
+        read_results(run_dir)  # refuses an unreadable results.json before anything trains
+    else:
+        config = resolve(args)
+        check_config(config)
+        run_dir = Path(config.output.dir) / config.output.name
+        if (run_dir / "results.json").exists():
+            raise ConfigError(f"{run_dir} already holds a federated run; give it as RUN_DIR to add baselines to it")
+        run_directory(config)
+        (run_dir / "config.toml").write_text(config.to_toml())
+    say = progress_printer(config)
+    say(f"fedclinic baselines: pooled and silo, {config.federation.sites} sites -> {run_dir}")
+    results = baselines_into_run(run_dir, config, say)
+    print(format_comparison(results))
+    written = "results.json, " if "rounds" in results else "config.toml, "
+    print(f"run directory: {run_dir}  (baselines.json, {written}report.md, report.html)")
+    return 0
+
+
+def run_dir_config(args: argparse.Namespace, run_dir: Path) -> Config:
+    """The configuration of an existing run directory: its own config.toml, with only RUN_DIR_SETTABLE changed."""
+    refuse_changes(args, who="fedclinic baselines RUN_DIR", may_change=RUN_DIR_SETTABLE,
+                   why="the baselines train with the run's own settings")
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    if not (run_dir / "config.toml").exists():
+        raise ConfigError(f"{run_dir} holds no config.toml, so it is not a fedclinic run directory")
+    config = load_config(run_dir / "config.toml", [*args.set, *(["output.quiet=true"] if args.quiet else [])])
+    return replace(config, output={"dir": str(run_dir.parent), "name": run_dir.name})
+
+
+def read_results(run_dir: Path) -> dict | None:
+    """The run's results.json, None when there is none; an unreadable one is refused."""
+    path = run_dir / "results.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} cannot be read as JSON ({err}); refusing to overwrite it") from None
+
+
+def baselines_into_run(run_dir: Path, config: Config, say: Callable[[str], None], *,
+                       non_private: bool = True) -> dict:
+    """Train the baselines of `config`, write baselines.json into `run_dir`, and add them to its results.json and
+    report (a report of the baselines alone when the directory holds no federation); returns the results."""
+    from fedclinic import __version__
+    from fedclinic.baselines import run_baselines
+    from fedclinic.report import json_safe
+    from fedclinic.report_text import write_reports
+
+    found = json_safe(run_baselines(config, say, non_private=non_private))
+    write_json(run_dir / "baselines.json", {"fedclinic_version": __version__, "run": run_dir.name,
+                                            "config": config.to_flat(), **found})
+    results = read_results(run_dir)
+    section = {"pooled": found["pooled"], "silo": found["silo"]}
+    if results is None:  # no federation here: the report is of the baselines alone
+        write_reports({"run": run_dir.name, "baselines": section}, run_dir)
+        return {"run": run_dir.name, "baselines": section}
+    results["baselines"] = section
+    write_json(run_dir / "results.json", results)
+    write_reports(results, run_dir)
+    return results
+
+
+def write_json(path: Path, value: dict) -> None:
+    """Written beside and moved over `path`: an interrupted write leaves the old file whole."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(value, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,285 @@
+"""Pooled and silo baselines: the federation's test set, initial weights, seeds, sigma and budgets; the command."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+
+import dp_accounting
+import pytest
+import torch
+from opacus.accountants.utils import get_noise_multiplier
+
+import fedclinic.baselines as baselines
+from fedclinic import cli
+from fedclinic.baselines import run_baselines
+from fedclinic.clients.site import Site, build_model, train_round, training_seed
+from fedclinic.config import load_config
+from fedclinic.data import server_test_set, site_data
+from fedclinic.evaluation import evaluate
+from fedclinic.model import MultiTaskNet
+from fedclinic.privacy.ledger import Ledger
+from fedclinic.report import RunRecorder
+
+# 2 sites of ~140 training images, 2 rounds of 1 local epoch: every baseline trains in seconds
+TINY = ["data.site-size=200", "data.test-size=100", "training.batch-size=32", "federation.sites=2",
+        "federation.rounds=2", "training.local-epochs=1"]
+OPACUS_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+def tiny(*settings: str):
+    return load_config(None, [*TINY, *settings])
+
+
+def servers_initial_weights(config) -> dict:
+    """The ServerApp's initial global model, built the way server/app.py has always built it."""
+    test_set = server_test_set(config.data)
+    torch.manual_seed(config.data.seed)
+    model = MultiTaskNet(in_channels=test_set.channels, num_classes=test_set.num_classes, width=config.model.width)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """One DP run of the baselines (site 1 with its own budget), with every train_locally call recorded."""
+    config = tiny("privacy.site-budgets=\"1=4\"")
+    calls = []
+    real = baselines.train_locally
+
+    def recording(model, data, **kwargs):
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        result = real(model, data, **kwargs)
+        calls.append({"start": start, "model": model, "n": len(data), "seed": kwargs["seed"],
+                      "epochs": kwargs["training"].local_epochs, "private": kwargs["privacy"].local,
+                      "threads": torch.get_num_threads()})
+        return result
+
+    baselines.train_locally = recording
+    threads = torch.get_num_threads()
+    try:
+        found = run_baselines(config)
+    finally:
+        baselines.train_locally = real
+    assert torch.get_num_threads() == threads  # restored
+    return config, found, calls
+
+
+def dp_accounting_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """Google's dp-accounting, not the Opacus accountant the code uses."""
+    acc = dp_accounting.rdp.RdpAccountant(OPACUS_RDP_ORDERS)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+# --- the same test set and seeds as the federation ---------------------------------------------------
+
+def test_every_baseline_starts_from_the_servers_initial_model_with_a_sites_first_round_seed(traced):
+    config, found, calls = traced
+    initial = servers_initial_weights(config)
+    train = [site_data(config.data, k, 2)[0] for k in range(2)]
+    # pooled non-private, pooled DP-SGD, silo site 0, silo site 1
+    assert [(c["n"], c["private"]) for c in calls] == [(len(train[0]) + len(train[1]), False),
+                                                       (len(train[0]) + len(train[1]), True),
+                                                       (len(train[0]), True), (len(train[1]), True)]
+    for call in calls:
+        assert call["start"].keys() == initial.keys()
+        assert all(torch.equal(call["start"][k], initial[k]) for k in initial)
+        assert call["epochs"] == config.federation.rounds * config.training.local_epochs  # a site's passes
+        assert call["threads"] == config.federation.client_cpus  # a simulated site's threads
+    assert [c["seed"] for c in calls] == [training_seed(config, 0, 1)] * 2 + [training_seed(config, k, 1)
+                                                                                for k in range(2)]
+    assert found["initial"] == evaluate(build_model(config, train[0], initial), server_test_set(config.data),
+                                        box_weight=config.model.box_weight)
+
+
+def test_every_baseline_is_scored_on_exactly_the_server_test_set(traced):
+    config, found, calls = traced
+    test_set = server_test_set(config.data)
+    pooled, silo = found["pooled"], found["silo"]
+    for entry, call in zip([pooled["non_private"], pooled["private"], *silo["sites"]], calls):
+        again = evaluate(call["model"], test_set, box_weight=config.model.box_weight)
+        assert entry["test"] == again and entry["test"]["n"] == len(test_set)
+
+
+def test_the_same_configuration_gives_the_same_numbers(traced):
+    config, found, _ = traced
+    again = run_baselines(config)
+
+    def numbers(entry):
+        return {k: v for k, v in entry.items() if k != "seconds"}
+
+    assert numbers(again["pooled"]["private"]) == numbers(found["pooled"]["private"])
+    assert [numbers(s) for s in again["silo"]["sites"]] == [numbers(s) for s in found["silo"]["sites"]]
+
+
+# --- privacy ---------------------------------------------------------------------------------------
+
+# Opacus's bisection probes very large sigmas, whose best RDP order is the largest it tries (as in accounting.py)
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
+def test_pooled_dp_sigma_matches_an_independent_calibration_and_spends_the_target(traced):
+    config, found, _ = traced
+    private, p = found["pooled"]["private"], config.privacy
+    n = private["n"]
+    batches = math.ceil(n / config.training.batch_size)  # Poisson sampling at q = 1 / batches, batches a epoch
+    steps = config.federation.rounds * config.training.local_epochs * batches
+    reference = get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=1 / batches,
+                                     steps=steps, accountant="rdp", epsilon_tolerance=0.001)
+    assert (private["sample_rate"], private["steps"]) == (pytest.approx(1 / batches), steps)
+    assert private["sigma"] == pytest.approx(reference, rel=0.01)
+    spent = dp_accounting_epsilon(private["sigma"], private["sample_rate"], private["steps"], p.delta)
+    assert private["epsilon"] == pytest.approx(spent, rel=0.01)
+    assert spent == pytest.approx(p.target_epsilon, rel=0.01) and private["target_epsilon"] == p.target_epsilon
+
+
+def test_a_silo_site_trains_with_the_sigma_of_its_federated_ledger_plan_and_spends_its_own_budget(traced, tmp_path):
+    config, found, _ = traced
+    for k, row in enumerate(found["silo"]["sites"]):
+        train, _ = site_data(config.data, k, 2)
+        train_round(config, Site(k, 2, tmp_path / f"site-{k}"), build_model(config, train).state_dict(), server_round=1)
+        plan = Ledger.open(tmp_path / f"site-{k}", site=k).plan
+        assert row["sigma"] == plan.noise_multiplier and row["sample_rate"] == pytest.approx(plan.sample_rate)
+        assert row["steps"] == plan.rounds * plan.steps_per_round
+        assert row["budget"] == config.privacy.budget(k) == plan.target_epsilon
+        spent = dp_accounting_epsilon(row["sigma"], row["sample_rate"], row["steps"], config.privacy.delta)
+        assert row["epsilon"] == pytest.approx(spent, rel=0.01) and row["epsilon"] <= row["budget"] * 1.001
+    assert [row["budget"] for row in found["silo"]["sites"]] == [8.0, 4.0]
+    assert found["silo"]["max_epsilon"] == max(row["epsilon"] for row in found["silo"]["sites"])
+
+
+def test_with_a_fixed_sigma_a_silo_site_trains_only_the_rounds_its_budget_allows():
+    # Prepare: at sigma 1, site 1 (128 images, q = 1/4) spends 4.87 in round 1 and would reach 6.25 in round 2
+    config = tiny("privacy.noise-multiplier=1.0", "privacy.site-budgets=\"1=5\"")
+    # Execute
+    sites = run_baselines(config, non_private=False)["silo"]["sites"]
+    # Assert: site 0 (budget 8) trains both rounds, site 1 stops after one, as it would in the federation
+    assert [s["epochs"] for s in sites] == [2, 1]
+    assert all(s["sigma"] == 1.0 and s["epsilon"] <= s["budget"] for s in sites)
+
+
+def test_under_central_dp_pooled_and_silo_are_non_private_and_say_so():
+    found = run_baselines(tiny("privacy.mode=central"))
+    assert found["pooled"]["private"] is None and found["pooled"]["non_private"]["epsilon"] is None
+    assert found["silo"]["private"] is False and found["silo"]["max_epsilon"] is None
+    assert all(s["sigma"] is None and s["epsilon"] is None for s in found["silo"]["sites"])
+    assert "no record-level epsilon" in found["pooled"]["note"] == found["silo"]["note"]
+
+
+# --- silo's summaries --------------------------------------------------------------------------------
+
+def test_silo_is_summarised_as_worst_mean_best_and_each_site_scored_on_its_own_validation_split(traced):
+    config, found, _ = traced
+    silo = found["silo"]
+    for k, row in enumerate(silo["sites"]):
+        _, val = site_data(config.data, k, 2)
+        assert row["val"]["n"] == len(val) > 0
+    for split in ("test", "val"):
+        summary = silo[split]
+        for metric in ("accuracy", "f1", "iou"):
+            values = [row[split][metric] for row in silo["sites"]]
+            assert summary["worst"][metric] == min(values) and summary["best"][metric] == max(values)
+            assert summary["worst"][metric] <= summary["mean"][metric] <= summary["best"][metric]
+            assert summary["mean"][metric] == pytest.approx(sum(values) / len(values))
+        accuracy = [row[split]["accuracy"] for row in silo["sites"]]
+        assert accuracy[summary["worst_site"]] == min(accuracy) and accuracy[summary["best_site"]] == max(accuracy)
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+def federated_run(tmp_path, *settings):
+    """A run directory as a finished federation leaves it (config.toml, results.json, report), by its own writer."""
+    config = load_config(None, [*TINY, *settings, f"output.dir={json.dumps(str(tmp_path))}", "output.name=fed"])
+    run_dir = tmp_path / "fed"
+    run_dir.mkdir()
+    recorder = RunRecorder(run_dir, config, started=time.time())
+    test_set = server_test_set(config.data)
+    scores = {**evaluate(build_model(config, test_set), test_set, box_weight=1.0), "seconds": 0.1}
+    recorder.central_round(0, scores, [])
+    recorder.finish(build_model(config, test_set), test_set.class_names, [], strategy_seconds=1.0)
+    return run_dir
+
+
+def test_baselines_of_a_run_directory_add_a_section_to_its_results_and_report(tmp_path, capsys):
+    # Prepare
+    run_dir = federated_run(tmp_path, "federation.rounds=1")
+    before = json.loads((run_dir / "results.json").read_text())
+    # Execute
+    code = cli.main(["baselines", str(run_dir), "--quiet"])
+    # Assert
+    out = capsys.readouterr().out
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["baselines"]) == {"pooled", "silo"}
+    assert {k: v for k, v in results.items() if k != "baselines"} == before  # nothing else changed
+    written = json.loads((run_dir / "baselines.json").read_text())
+    assert written["pooled"] == results["baselines"]["pooled"] and written["silo"] == results["baselines"]["silo"]
+    assert {k: v for k, v in written["config"].items() if k != "output.quiet"} == \
+        {k: v for k, v in before["config"].items() if k != "output.quiet"}  # the run's own settings
+    report = (run_dir / "report.md").read_text()
+    assert "## Federated vs pooled vs silo" in report and "| federated |" in report and "| silo, worst site |" in report
+    assert "Federated vs pooled vs silo" in (run_dir / "report.html").read_text()
+    assert "federated" in out and "pooled, DP-SGD" in out and "baseline pooled" not in out  # --quiet: the table
+
+
+@pytest.mark.parametrize("args, words", [
+    (["{missing}"], "does not exist"),
+    (["{empty}"], "holds no config.toml, so it is not a fedclinic run directory"),
+    (["{run}", "--rounds", "3"], "uses the run's own config.toml; --rounds cannot change it"),
+    (["{run}", "--set", "privacy.target-epsilon=3"], "cannot change privacy.target-epsilon"),
+    (["{broken}"], "cannot be read as JSON"),
+    (["--set", "training.batch-size=5000", "--out", "{new}"], "training.batch-size=5000 is larger than site"),
+    (["--set", "privacy.target-epsilon=1e-7", "--out", "{new}"], "no noise level reaches epsilon=1e-07"),
+    (["--out", "{tmp}", "--name", "fed"], "already holds a federated run; give it as RUN_DIR"),
+])
+def test_bad_input_is_refused_in_one_sentence_with_exit_2_and_nothing_is_lost(tmp_path, capsys, args, words):
+    # Prepare: a finished run, an empty folder, a run whose results.json is broken
+    places = {"{missing}": tmp_path / "missing", "{empty}": tmp_path / "empty", "{broken}": tmp_path / "broken",
+              "{run}": federated_run(tmp_path), "{new}": tmp_path / "new", "{tmp}": tmp_path}
+    places["{empty}"].mkdir()
+    places["{broken}"].mkdir()
+    (places["{broken}"] / "config.toml").write_text(load_config(None, TINY).to_toml())
+    (places["{broken}"] / "results.json").write_text("{half a file")
+    before = {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    # Execute
+    code = cli.main(["baselines", *[str(places.get(a, a)) for a in args]])
+    # Assert
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.strip().count("\n") == 0, err
+    assert {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")} == before
+
+
+def test_running_the_baselines_imports_no_flower(tmp_path):
+    # Execute: the command in a fresh interpreter, then what it imported
+    script = ("import sys; from fedclinic.cli import main; "
+              f"code = main(['baselines', '--quiet', '--out', {str(tmp_path)!r}, '--name', 'alone', "
+              + ", ".join(repr(f"--set={s}") for s in TINY if "rounds" not in s) + ", '--rounds', '1']); "
+              "print(code, sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    # Assert
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "0 []"
+    run_dir = tmp_path / "alone"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["baselines.json", "config.toml", "report.html", "report.md"]
+    assert "# fedclinic baselines `alone`" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_simulate_with_baselines_starts_them_from_the_federations_round_0_model_on_its_test_set(tmp_path):
+    # Execute: a federation through Flower's simulation runtime, then its baselines in the CLI's process
+    settings = [a for s in TINY if "rounds" not in s for a in ("--set", s)]
+    no_post = [a for s in ("robustness.enabled=false", "compression.enabled=false", "explain.enabled=false",
+                           "privacy.audit=false") for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "fedclinic.cli", "simulate", "--baselines", "--rounds", "1",
+                           *settings, *no_post, "--out", str(tmp_path), "--name", "e2e"],
+                          capture_output=True, text=True, timeout=900)
+    # Assert: the baselines' initial model scores on the server's test set what the ServerApp's round 0 scored
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((tmp_path / "e2e" / "results.json").read_text())
+    initial = json.loads((tmp_path / "e2e" / "baselines.json").read_text())["initial"]
+    round_0 = results["rounds"][0]
+    assert (initial["loss"], initial["accuracy"], initial["iou"]) == pytest.approx(
+        (round_0["loss"], round_0["accuracy"], round_0["iou"]), rel=1e-6)
+    assert set(results["baselines"]) == {"pooled", "silo"}
+    assert results["baselines"]["silo"]["sites"][0]["test"]["n"] == initial["n"] == 100
+    assert "pooled, DP-SGD" in proc.stdout and "silo, worst site" in proc.stdout
+    assert "## Federated vs pooled vs silo" in (tmp_path / "e2e" / "report.md").read_text()
