@@ -39,7 +39,9 @@ COLUMNS = ["auc", "tpr_at_1pct_fpr", "tpr_at_01pct_fpr", "accuracy"]
 
 def one_run(target_epsilon: float | None, seed: int) -> dict:
     privacy = "off" if target_epsilon is None else "local"
-    config = load_config(None, [f"data.seed={seed}", "training.batch-size=32", f"training.local-epochs={EPOCHS}",
+    # a recipe made to overfit: the trained CNN encoder, no augmentation, a constant learning rate
+    config = load_config(None, [f"data.seed={seed}", "model.encoder=cnn", "training.augment=none",
+                                "training.schedule=constant", "training.batch-size=32", f"training.local-epochs={EPOCHS}",
                                 f"training.learning-rate={DP_LEARNING_RATE}", f"privacy.mode={privacy}"])
     scans = generate_fresh_site_scans(config.data, 0, MEMBERS + NONMEMBERS)
     members, nonmembers = scans.subset(np.arange(MEMBERS)), scans.subset(np.arange(MEMBERS, len(scans)))

@@ -105,6 +105,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, example: Tensor, class_na
     # file, and the source paths of the machine that exported it. A deployment needs neither.
     for node in proto.graph.node:
         del node.metadata_props[:]
+    # the shapes of intermediate values: ONNX Runtime infers them again; for a small model they are
+    # a third of the file
+    del proto.graph.value_info[:]
     # what a deployment needs to read the outputs, in the file itself
     onnx.helper.set_model_props(
         proto, {"class_names": json.dumps(list(class_names)), "box_format": BOX_FORMAT, "input": INPUT_FORMAT}
@@ -156,9 +159,12 @@ def quantize_int8(
 def _check_images(model: nn.Module, data: ImageSet, what: str) -> None:
     if len(data) < 2:
         raise ValueError(f"{what} needs at least 2 images (a few hundred give stable int8 ranges), got {len(data)}")
+    # a MultiTaskNet says what it takes (its first convolution may follow the scattering transform)
+    arch = getattr(model, "arch", None)
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is not None and conv.in_channels != data.channels:
-        raise ValueError(f"the model takes {conv.in_channels}-channel images but the {what} images have {data.channels}")
+    channels = arch["in_channels"] if arch else conv.in_channels if conv is not None else data.channels
+    if channels != data.channels:
+        raise ValueError(f"the model takes {channels}-channel images but the {what} images have {data.channels}")
 
 
 def compress(

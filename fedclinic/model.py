@@ -1,7 +1,7 @@
 """The multi-task model: a scattering front end and a small GroupNorm CNN, a disease head and a lesion-box head.
 
     from fedclinic.model import MultiTaskNet, multitask_loss, save_model, load_model
-    model = MultiTaskNet(in_channels=1, num_classes=3, width=16, image_size=(32, 32))
+    model = MultiTaskNet(in_channels=1, num_classes=3, width=16)
     logits, boxes = model(images)          # images: float N x C x H x W in [0, 1]
     save_model(model, "global.pt", class_names=("healthy", "benign", "malignant"))
     model = load_model("global.pt")        # eval mode, .class_names, no training code needed
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from fedclinic.config import Config
 from fedclinic.config.sections import ENCODERS
 from fedclinic.data.imageset import ImageSet
+from fedclinic.scattering import Scattering
 
 # Fixed normalisation inside the model, so callers (and adversarial attacks,
 # whose budgets are in pixel units) feed raw [0, 1] pixels.
@@ -42,13 +43,6 @@ POOLED_SIZE = 4
 # tiny gradients near the target.
 BOX_LOSS_BETA = 0.05
 
-# The scattering transform: 2 scales (each output pixel sums a 4 x 4 patch), 4
-# orientations, up to second order: (1 + 4)^2 = 25 maps per image channel. Under DP
-# on the synthetic sites it learned as well as 8 orientations (81 maps) at a third
-# of the cost; first order alone (9 maps) lost 10 points (bench/utility.py's notes).
-SCATTERING_SCALES = 2
-SCATTERING_ORIENTATIONS = 4
-
 FILE_FORMAT = "fedclinic-model"
 FILE_VERSION = 2
 
@@ -59,38 +53,6 @@ def _conv_block(in_channels: int, out_channels: int, *, stride: int = 1, kernel_
         nn.GroupNorm(math.gcd(GROUPS, out_channels), out_channels),
         nn.ReLU(),
     )
-
-
-class Scattering(nn.Module):
-    """A fixed 2-D wavelet scattering transform (kymatio), per image channel: N x C x H x W -> N x 25C x H/4 x W/4.
-
-    Nothing in it is trained, so it costs DP-SGD no noise: Morlet wavelet
-    moduli at 2 scales and 4 orientations, and their wavelet moduli again,
-    averaged over 4 x 4 patches (Tramer & Boneh 2021, "Differentially private
-    learning needs better features": ScatterNet features beat end-to-end CNNs
-    under DP). Each output map is then normalised over its own pixels, image
-    by image (no statistic is shared between records).
-    """
-
-    def __init__(self, *, in_channels: int, image_size: tuple[int, int]) -> None:
-        super().__init__()
-        # the 2-D frontend itself: `kymatio.torch` also imports the 3-D one, whose filter
-        # bank needs scipy.special.sph_harm, which SciPy 1.17 no longer has
-        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
-
-        self.transform = ScatteringTorch2D(J=SCATTERING_SCALES, shape=tuple(image_size), L=SCATTERING_ORIENTATIONS)
-        # the wavelet filters are recomputed from the arch on load: not weights to send or save
-        for name, buffer in list(self.transform.named_buffers(recurse=False)):
-            self.transform.register_buffer(name, buffer, persistent=False)
-        self.image_size = tuple(image_size)
-        self.out_channels = in_channels * (1 + SCATTERING_ORIENTATIONS) ** 2
-        self.norm = nn.GroupNorm(self.out_channels, self.out_channels, affine=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) != self.image_size:
-            raise ValueError(f"this model's scattering transform is built for {self.image_size[0]} x "
-                             f"{self.image_size[1]} images, got {x.shape[-2]} x {x.shape[-1]}")
-        return self.norm(self.transform(x).flatten(1, 2))
 
 
 class SoftArgmaxBox(nn.Module):
@@ -122,29 +84,31 @@ class SoftArgmaxBox(nn.Module):
 class MultiTaskNet(nn.Module):
     """An encoder to a width x H/4 x W/4 map, feeding a class head and a box head.
 
-    encoder "scattering" (the default): a fixed scattering transform, then two
-    trained 3x3 conv blocks, built for one image size. "cnn": four trained
-    conv blocks (two of stride 2), any image size of at least 16 pixels.
+    encoder "scattering" (the default): a fixed wavelet scattering transform
+    (fedclinic.scattering), each of its maps normalised over its own pixels,
+    image by image, then two trained 3x3 conv blocks. "cnn": four trained conv
+    blocks, two of stride 2. Any image size of at least 16 pixels.
     forward(x) takes a float batch N x C x H x W in [0, 1] and returns (logits
     N x num_classes, boxes N x 4), the boxes as (cx, cy, w, h) in [0, 1] of the
     image size.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, width: int = 16, encoder: str = "scattering",
-                 image_size: tuple[int, int] | list[int] = (32, 32)) -> None:
+    def __init__(self, *, in_channels: int, num_classes: int, width: int = 16, encoder: str = "scattering") -> None:
         super().__init__()
         if in_channels < 1 or num_classes < 2 or width < 1 or encoder not in ENCODERS:
             raise ValueError(
                 f"MultiTaskNet needs in_channels >= 1, num_classes >= 2, width >= 1 and an encoder in {ENCODERS}, "
                 f"got in_channels={in_channels}, num_classes={num_classes}, width={width}, encoder={encoder!r}"
             )
-        image_size = [int(image_size[0]), int(image_size[1])]
         # Everything needed to rebuild the architecture; saved next to the weights.
-        self.arch = {"in_channels": in_channels, "num_classes": num_classes, "width": width, "encoder": encoder,
-                     "image_size": image_size}
+        self.arch = {"in_channels": in_channels, "num_classes": num_classes, "width": width, "encoder": encoder}
         if encoder == "scattering":
-            scattering = Scattering(in_channels=in_channels, image_size=image_size)
-            blocks = [scattering, _conv_block(scattering.out_channels, width), _conv_block(width, width)]
+            # Tramer & Boneh 2021 ("Differentially private learning needs better features"): fixed
+            # scattering features beat end-to-end CNNs under DP (bench/utility.py measures both encoders)
+            scattering = Scattering(in_channels=in_channels)
+            maps = scattering.out_channels
+            blocks = [scattering, nn.GroupNorm(maps, maps, affine=False), _conv_block(maps, width),
+                      _conv_block(width, width)]
         else:
             blocks = [
                 _conv_block(in_channels, width),
@@ -167,7 +131,7 @@ class MultiTaskNet(nn.Module):
 def build_model(config: Config, data: ImageSet, state_dict: dict[str, Tensor] | None = None) -> MultiTaskNet:
     """The run's model for images like `data`'s (channels, classes, size), with `state_dict` loaded if given."""
     model = MultiTaskNet(in_channels=data.channels, num_classes=data.num_classes, width=config.model.width,
-                         encoder=config.model.encoder, image_size=data.images.shape[2:])
+                         encoder=config.model.encoder)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model

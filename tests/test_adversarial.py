@@ -19,7 +19,7 @@ from fedclinic.evaluation.adversarial import fgsm_check, perturb, robust_evaluat
 from fedclinic.model import save_model
 from trained import quick_model
 
-# 16 x 16 scans, a narrow model: a few seconds of training on two CPU cores
+# 16 x 16 scans and the default width: a few seconds of training on two CPU cores
 DATA = DataConfig(image_size=16, site_size=600, quantity_skew=0, label_alpha=100, test_size=120)
 EPS = [0.0, 1 / 255, 2 / 255, 4 / 255]
 # float rounding in x + delta - x: a change may exceed eps by this much
@@ -28,7 +28,7 @@ TOLERANCE = 1e-6
 
 @pytest.fixture(scope="module")
 def model():
-    return quick_model(DATA, width=8)
+    return quick_model(DATA, width=16)
 
 
 @pytest.fixture(scope="module")

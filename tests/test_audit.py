@@ -123,7 +123,9 @@ EPOCHS = 60
 def train_and_audit(*, target_epsilon: float | None) -> dict:
     """Train a small model for many epochs on TRAIN scans, then attack it; no DP when target_epsilon is None."""
     privacy = ["privacy.mode=off"] if target_epsilon is None else ["privacy.mode=local"]
-    config = load_config(None, ["data.image-size=16", "model.width=8", "training.batch-size=32",
+    # a recipe made to overfit: the trained CNN encoder, no augmentation
+    config = load_config(None, ["data.image-size=16", "model.encoder=cnn", "training.augment=none",
+                                "model.width=8", "training.batch-size=32", "training.schedule=constant",
                                 f"training.local-epochs={EPOCHS}", "training.device=cpu",
                                 # DP-SGD at sigma ~ 7 diverges at the default 0.3: the test should
                                 # see a model that trained, not one that blew up

@@ -15,6 +15,7 @@ import fedclinic.baselines as baselines
 from fedclinic import cli
 from fedclinic.baselines import run_baselines
 from fedclinic.clients.site import Site, build_model, train_round, training_seed
+from fedclinic.clients.training import round_lr_scale
 from fedclinic.config import load_config
 from fedclinic.data import server_test_set, site_data
 from fedclinic.evaluation import evaluate
@@ -36,7 +37,8 @@ def servers_initial_weights(config) -> dict:
     """The ServerApp's initial global model, built the way server/app.py has always built it."""
     test_set = server_test_set(config.data)
     torch.manual_seed(config.data.seed)
-    model = MultiTaskNet(in_channels=test_set.channels, num_classes=test_set.num_classes, width=config.model.width)
+    model = MultiTaskNet(in_channels=test_set.channels, num_classes=test_set.num_classes, width=config.model.width,
+                         encoder=config.model.encoder)
     return model.state_dict()
 
 
@@ -50,7 +52,8 @@ def traced():
     def recording(model, data, **kwargs):
         start = {k: v.detach().clone() for k, v in model.state_dict().items()}
         result = real(model, data, **kwargs)
-        calls.append({"start": start, "model": model, "n": len(data), "seed": kwargs["seed"],
+        calls.append({"start": start, "end": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                      "model": model, "n": len(data), "seed": kwargs["seed"], "lr_scale": kwargs["lr_scale"],
                       "epochs": kwargs["training"].local_epochs, "private": kwargs["privacy"].local,
                       "threads": torch.get_num_threads()})
         return result
@@ -74,21 +77,32 @@ def dp_accounting_epsilon(sigma: float, q: float, steps: int, delta: float) -> f
 
 # --- the same test set and seeds as the federation ---------------------------------------------------
 
-def test_every_baseline_starts_from_the_servers_initial_model_with_a_sites_first_round_seed(traced):
+def by_baseline(config, calls) -> list[list[dict]]:
+    """The train_locally calls in groups of federation.rounds: pooled non-private, pooled DP-SGD, silo 0, silo 1."""
+    rounds = config.federation.rounds
+    assert len(calls) == 4 * rounds  # site 1's own budget of 4 still allows both rounds
+    return [calls[i:i + rounds] for i in range(0, len(calls), rounds)]
+
+
+def test_every_baseline_starts_from_the_servers_initial_model_and_trains_as_its_site_does_round_by_round(traced):
     config, found, calls = traced
     initial = servers_initial_weights(config)
     train = [site_data(config.data, k, 2)[0] for k in range(2)]
-    # pooled non-private, pooled DP-SGD, silo site 0, silo site 1
-    assert [(c["n"], c["private"]) for c in calls] == [(len(train[0]) + len(train[1]), False),
-                                                       (len(train[0]) + len(train[1]), True),
-                                                       (len(train[0]), True), (len(train[1]), True)]
-    for call in calls:
-        assert call["start"].keys() == initial.keys()
-        assert all(torch.equal(call["start"][k], initial[k]) for k in initial)
-        assert call["epochs"] == config.federation.rounds * config.training.local_epochs  # a site's passes
-        assert call["threads"] == config.federation.client_cpus  # a simulated site's threads
-    assert [c["seed"] for c in calls] == [training_seed(config, 0, 1)] * 2 + [training_seed(config, k, 1)
-                                                                                for k in range(2)]
+    groups = by_baseline(config, calls)
+    # pooled non-private, pooled DP-SGD, silo site 0, silo site 1: who trains, on what, with whose seeds
+    expected = [(len(train[0]) + len(train[1]), False, 0), (len(train[0]) + len(train[1]), True, 0),
+                (len(train[0]), True, 0), (len(train[1]), True, 1)]
+    for group, (n, private, site) in zip(groups, expected, strict=True):
+        first = group[0]["start"]
+        assert first.keys() == initial.keys() and all(torch.equal(first[k], initial[k]) for k in initial)
+        for r, call in enumerate(group, 1):
+            assert (call["n"], call["private"]) == (n, private)
+            assert call["seed"] == training_seed(config, site, r)  # the site's own round r
+            assert call["lr_scale"] == round_lr_scale(config.training, r, config.federation.rounds)
+            assert call["epochs"] == config.training.local_epochs
+            assert call["threads"] == config.federation.client_cpus  # a simulated site's threads
+        for before, after in zip(group, group[1:]):  # each round goes on from the last, no averaging between
+            assert all(torch.equal(after["start"][k], before["end"][k]) for k in initial)
     assert found["initial"] == evaluate(build_model(config, train[0], initial), server_test_set(config.data),
                                         box_weight=config.model.box_weight)
 
@@ -97,8 +111,8 @@ def test_every_baseline_is_scored_on_exactly_the_server_test_set(traced):
     config, found, calls = traced
     test_set = server_test_set(config.data)
     pooled, silo = found["pooled"], found["silo"]
-    for entry, call in zip([pooled["non_private"], pooled["private"], *silo["sites"]], calls):
-        again = evaluate(call["model"], test_set, box_weight=config.model.box_weight)
+    for entry, group in zip([pooled["non_private"], pooled["private"], *silo["sites"]], by_baseline(config, calls)):
+        again = evaluate(group[-1]["model"], test_set, box_weight=config.model.box_weight)
         assert entry["test"] == again and entry["test"]["n"] == len(test_set)
 
 

@@ -96,7 +96,13 @@ def test_the_float_export_computes_what_the_torch_model_computes(model, server, 
     assert torch.allclose(boxes, expected_boxes, atol=1e-5)
 
 
-def test_int8_predicts_like_the_float_model_and_is_over_3x_smaller(model, server, files):
+def weight_bytes(onnx_path) -> int:
+    """Bytes of the convolution and linear weights stored in an ONNX file (float or int8)."""
+    return sum(len(t.raw_data) for t in onnx.load(onnx_path).graph.initializer
+               if t.name.removesuffix("_quantized").endswith("weight") and len(t.dims) >= 2)
+
+
+def test_int8_predicts_like_the_float_model_and_stores_its_weights_in_a_quarter_of_the_space(model, server, files):
     _, test = server
     images = torch.from_numpy(test.images).float() / 255
 
@@ -108,9 +114,10 @@ def test_int8_predicts_like_the_float_model_and_is_over_3x_smaller(model, server
     assert agreement >= 0.9
     assert abs(int8["accuracy"] - reference["accuracy"]) <= 0.03
     assert abs(int8["iou"] - reference["iou"]) <= 0.03
-    # int8 weights are a quarter of float32; the graph around them (names, scales, float
-    # GroupNorm) keeps this 42k-parameter model at about 3.2x, short of 4x
-    assert files["float_bytes"] / files["int8_bytes"] > 3
+    # int8 weights are a quarter of float32; for this 6.8k-parameter model the graph around them
+    # (names, scales, float GroupNorm) is most of either file
+    assert weight_bytes(files["int8_path"]) == pytest.approx(weight_bytes(files["float_path"]) / 4, rel=0.01)
+    assert files["int8_bytes"] < 0.75 * files["float_bytes"]
 
 
 def test_compare_reports_before_and_after_as_ratios(model, server, files):
@@ -121,7 +128,7 @@ def test_compare_reports_before_and_after_as_ratios(model, server, files):
     attacked = compare(model, files["int8_path"], test, threads=1, repeats=2, adversarial=adversarial)
 
     before, after = plain["before"], plain["after"]
-    assert plain["size_ratio"] == pytest.approx(before["bytes"] / files["int8_bytes"]) and plain["size_ratio"] > 3
+    assert plain["size_ratio"] == pytest.approx(before["bytes"] / files["int8_bytes"])
     assert plain["speedup_b1"] == pytest.approx(before["ms_per_image_b1"] / after["ms_per_image_b1"])
     assert all(side[f"ms_per_image_b{b}"] > 0 for side in (before, after) for b in (1, 64))
     assert before["accuracy"] == evaluate(model, test, box_weight=1.0)["accuracy"]

@@ -15,9 +15,9 @@ CLASS_NAMES = ("healthy", "benign", "malignant")
 NO_BOX = [math.nan] * 4
 
 
-def make_model(channels: int = 1) -> MultiTaskNet:
+def make_model(channels: int = 1, encoder: str = "scattering") -> MultiTaskNet:
     torch.manual_seed(0)
-    return MultiTaskNet(in_channels=channels, num_classes=len(CLASS_NAMES), width=8)
+    return MultiTaskNet(in_channels=channels, num_classes=len(CLASS_NAMES), width=8, encoder=encoder)
 
 
 def make_batch(n: int = 4, channels: int = 1, size: int = 16):
@@ -28,10 +28,11 @@ def make_batch(n: int = 4, channels: int = 1, size: int = 16):
     return images, labels, boxes
 
 
+@pytest.mark.parametrize("encoder", ["scattering", "cnn"])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("height,width", [(16, 16), (32, 32), (48, 48), (20, 36)])
-def test_any_image_size_gives_logits_and_boxes_in_the_unit_square(channels, height, width):
-    model = make_model(channels)
+def test_any_image_size_gives_logits_and_boxes_in_the_unit_square(encoder, channels, height, width):
+    model = make_model(channels, encoder)
     images = torch.rand(5, channels, height, width)
 
     logits, boxes = model(images)
@@ -41,13 +42,38 @@ def test_any_image_size_gives_logits_and_boxes_in_the_unit_square(channels, heig
     assert ((boxes >= 0) & (boxes <= 1)).all()
 
 
-def test_default_width_is_small_enough_for_cheap_dp_sgd():
+def test_the_default_model_trains_few_weights_and_sends_no_filters():
     model = MultiTaskNet(in_channels=1, num_classes=3)
 
     count = sum(p.numel() for p in model.parameters())
 
-    assert 20_000 <= count <= 60_000  # DP noise norm grows with sqrt(parameters)
-    assert model.arch == {"in_channels": 1, "num_classes": 3, "width": 16}
+    assert 5_000 <= count <= 10_000  # DP noise norm grows with sqrt(parameters)
+    assert model.arch == {"in_channels": 1, "num_classes": 3, "width": 16, "encoder": "scattering"}
+    # the scattering's fixed filters are rebuilt from the code, never sent to the server or saved
+    assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}
+
+
+def test_the_scattering_transform_agrees_with_kymatios_away_from_the_border():
+    # Prepare: kymatio's own (FFT-based) Scattering2D with the same J and L, on real scans
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    from fedclinic.config import DataConfig
+    from fedclinic.data import server_test_set
+    from fedclinic.scattering import ORIENTATIONS, SCALES, Scattering
+
+    images = torch.from_numpy(server_test_set(DataConfig(test_size=40)).images).float() / 255
+    reference = ScatteringTorch2D(J=SCALES, shape=(32, 32), L=ORIENTATIONS)(images)[:, 0]
+    # Execute
+    ours = Scattering(in_channels=1)(images)
+    # Assert: the same 25 maps in the same order; inside the border (where kymatio's padding
+    # differs) within 1.5%, and every map as a whole correlated above 0.98
+    assert ours.shape == reference.shape == (40, 25, 8, 8)
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    for k in range(25):
+        a, b = reference[inner][:, k], ours[inner][:, k]
+        assert (a - b).norm() / a.norm() < 0.015, k
+        whole = torch.corrcoef(torch.stack([reference[:, k].flatten(), ours[:, k].flatten()]))[0, 1]
+        assert whole > 0.98, k
 
 
 def test_opacus_accepts_the_model_and_its_per_example_gradients_match_single_examples():

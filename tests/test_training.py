@@ -144,3 +144,87 @@ def test_under_dp_fedprox_keeps_the_site_model_nearer_the_global_one():
     free, pulled = distance_travelled(0.0), distance_travelled(5.0)
     # Assert: the proximal pull survives Opacus's clipping and noise
     assert pulled < 0.9 * free
+
+
+def test_a_records_augmented_views_give_one_gradient_the_mean_of_theirs_before_clipping():
+    # Prepare: 4 records seen through 3 scanner views each, Opacus's per-row gradients
+    from opacus import GradSampleModule
+
+    from fedclinic.clients.training import average_views
+    from fedclinic.data.augment import scanner_views
+    from fedclinic.model import multitask_loss
+
+    config = load_config(None, SMALL)
+    train, _ = site_data(config.data, 0, 2)
+    torch.manual_seed(0)
+    model = build_model(config, train)
+    records, views = 4, 3
+    x = torch.from_numpy(train.images[:records]).float() / 255
+    y, boxes = torch.from_numpy(train.labels[:records]), torch.as_tensor(train.boxes[:records])
+    seen = scanner_views(x, views=views, generator=torch.Generator().manual_seed(1))
+    logits, pred = GradSampleModule(model)(seen)
+    multitask_loss(logits, pred, y.repeat_interleave(views), boxes.repeat_interleave(views, 0), box_weight=1.0)[0].backward()
+    # Execute
+    average_views(list(model.parameters()), records=records, views=views)
+    # Assert: one gradient per record, that of its views' mean loss, by plain autograd
+    plain = build_model(config, train, model.state_dict())
+    for i in range(records):
+        plain.zero_grad()
+        rows = slice(i * views, (i + 1) * views)
+        logits, pred = plain(seen[rows])
+        multitask_loss(logits, pred, y[i].repeat(views), boxes[i:i + 1].repeat(views, 1), box_weight=1.0)[0].backward()
+        for p, reference in zip(model.parameters(), plain.parameters()):
+            assert p.grad_sample.shape[0] == records
+            torch.testing.assert_close(p.grad_sample[i], reference.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_scanner_views_change_intensities_only_and_come_record_by_record():
+    from fedclinic.data.augment import scanner_views
+
+    x = torch.rand(5, 1, 16, 16)
+    seen = scanner_views(x, views=2, generator=torch.Generator().manual_seed(0))
+    again = scanner_views(x, views=2, generator=torch.Generator().manual_seed(0))
+
+    assert seen.shape == (10, 1, 16, 16) and torch.equal(seen, again)
+    assert 0 <= seen.min() and seen.max() <= 1
+    assert not torch.equal(seen[0], seen[1])  # two different scanners
+    # every view is its own record seen differently: nearer its own image than any other record's
+    distance = torch.cdist(seen.flatten(1), x.flatten(1))
+    assert (distance.argmin(dim=1) == torch.arange(5).repeat_interleave(2)).all()
+
+
+@pytest.mark.parametrize("settings", [["training.augment-views=3"], ["training.augment=none"],
+                                      ["training.schedule=constant"]])
+def test_the_recipe_leaves_what_the_ledger_records_and_epsilon_unchanged(tmp_path, settings):
+    # Prepare: the default recipe (scanner augmentation, 1 view, cosine schedule) against a variant of it
+    import dp_accounting
+
+    def round_one(extra, where):
+        config = load_config(None, SMALL + ["federation.rounds=2", *extra])
+        site = Site(index=0, count=2, state_dir=where)
+        _, metrics, _ = train_round(config, site, initial_state(config, site), server_round=1)
+        return config, Ledger.open(where, site=0), metrics
+
+    # Execute
+    _, default, _ = round_one([], tmp_path / "default")
+    config, variant, metrics = round_one(settings, tmp_path / "variant")
+    # Assert: the same release (sigma, q, steps), and epsilon by Google's accountant, not Opacus's
+    assert variant.history == default.history and variant.plan == default.plan
+    sigma, q, steps = variant.history[0]
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    accountant = dp_accounting.rdp.RdpAccountant(orders)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    assert metrics["epsilon"] == pytest.approx(accountant.get_epsilon(config.privacy.delta), rel=1e-3)
+
+
+def test_the_cosine_schedule_falls_from_the_full_rate_to_a_tenth_over_the_rounds():
+    from fedclinic.clients.training import round_lr_scale
+
+    cosine, constant = load_config(None, []).training, load_config(None, ["training.schedule=constant"]).training
+
+    scales = [round_lr_scale(cosine, r, 5) for r in range(1, 6)]
+
+    assert scales[0] == 1.0 and scales[-1] == pytest.approx(0.1)
+    assert scales == sorted(scales, reverse=True) and scales[2] == pytest.approx(0.55)
+    assert [round_lr_scale(constant, r, 5) for r in range(1, 6)] == [1.0] * 5
+    assert round_lr_scale(cosine, 1, 1) == 1.0
