@@ -68,9 +68,9 @@ def _filter(x: Tensor, weight: Tensor, *, stride: int = 1, groups: int = 1) -> T
 
 def _low_pass_each(maps: Tensor, phi: Tensor, *, stride: int) -> Tensor:
     """N x K x H x W maps, each filtered with the one-map low-pass `phi` and sampled every `stride` pixels."""
-    n, k, h, w = maps.shape
-    out = _filter(maps.reshape(n * k, 1, h, w), phi, stride=stride)
-    return out.reshape(n, k, *out.shape[2:])
+    # one group per map: twice as fast to differentiate (attacks, explanations) as a batch of one-map images
+    k = maps.shape[1]
+    return _filter(maps, phi.expand(k, 1, *phi.shape[2:]), stride=stride, groups=k)
 
 
 def _modulus(z: Tensor) -> Tensor:
@@ -99,11 +99,8 @@ class Scattering(nn.Module):
         x = x.reshape(n * c, 1, h, w)  # every image channel on its own
         u_fine = _modulus(_filter(x, self.fine))  # |x * psi_0|: full grid
         u_coarse = _modulus(_filter(x, self.coarse, stride=2))  # |x * psi_1|: half grid
-        half_h, half_w = u_coarse.shape[2:]
         # ||x * psi_0| * psi_1| for every pair of orientations (theta1 major), on the half grid
-        u_second = _modulus(_filter(u_fine.reshape(n * c * L, 1, h, w), self.coarse, stride=2))
-        u_second = u_second.reshape(n * c, L * L, half_h, half_w)
-        # every map low-passed on its own, as a batch of one-map images: one small filter, no copies of it
+        u_second = _modulus(_filter(u_fine, self.coarse.repeat(L, 1, 1, 1), stride=2, groups=L))
         full = _low_pass_each(torch.cat([x, u_fine], dim=1), self.phi_full, stride=4)
         half = _low_pass_each(torch.cat([u_coarse, u_second], dim=1), self.phi_half, stride=2)
         return torch.cat([full, half], dim=1).reshape(n, c * MAPS_PER_CHANNEL, *full.shape[2:])

@@ -93,3 +93,17 @@ def test_a_corrupted_or_foreign_ledger_is_refused_not_reset(tmp_path):
     (tmp_path / "ledger.json").write_text(json.dumps({"format": "fedclinic-ledger/1", "site": 4, "plan": None, "entries": []}))
     with pytest.raises(ValueError, match="belongs to site 4, not site 0"):
         Ledger.open(tmp_path, site=0)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_ledger_of_many_equal_rounds_has_the_epsilon_of_the_steps_composed_one_by_one(accountant):
+    # Prepare: 6 rounds of one plan, and a second plan's round between them
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    history = [(1.1, 0.2, 10)] * 3 + [(0.9, 0.1, 7)] + [(1.1, 0.2, 10)] * 3
+    reference = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
+    reference.history = list(history)  # Opacus's own accountant over every entry as it is
+    # Execute
+    eps = epsilon(history, delta=1e-5, accountant=accountant)
+    # Assert
+    assert eps == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
