@@ -32,7 +32,8 @@ def test_inverse_prints_the_sigma_that_meets_the_target(capsys):
 
 def test_plan_gives_each_site_a_sigma_that_spends_its_budget_by_the_last_round(capsys):
     code, out, _ = run(capsys, "--plan", "--site-sizes", "600,100,1500", "--rounds", "3",
-                       "--set", "training.batch-size=50", "--set", "privacy.target-epsilon=4", "--json")
+                       "--set", "training.batch-size=50", "--set", "training.local-epochs=2",
+                       "--set", "privacy.target-epsilon=4", "--json")
     plan = json.loads(out)
     assert code == 0 and [s["n"] for s in plan["sites"]] == [600, 100, 1500]
     for site in plan["sites"]:

@@ -80,14 +80,14 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     # passes over the site's data per round
-    local_epochs: int = 2
+    local_epochs: int = 1
     # expected batch size; with DP, Poisson sampling at rate batch-size / site size
     batch_size: int = 128
     # local optimizer: sgd or adam (Opacus wraps either as DP-SGD / DP-Adam)
     optimizer: str = "sgd"
     # learning rate of the local optimizer with DP-SGD (its updates are averages of
     # clipped, noisy per-example gradients, smaller than plain ones)
-    learning_rate: float = 0.3
+    learning_rate: float = 3.0
     # learning rate of the non-private baseline (privacy.mode=off or central), whose batch
     # gradient is clipped at privacy.max-grad-norm; at the DP rate it diverges
     baseline_learning_rate: float = 0.1
@@ -218,7 +218,7 @@ class FederationConfig:
     # number of hospital sites (SuperNodes in simulation)
     sites: int = 5
     # federated rounds
-    rounds: int = 4
+    rounds: int = 20
     # share of sites asked to train each round
     fraction_train: float = 1.0
     # fewest sites a round needs (capped at federation.sites)
