@@ -20,9 +20,12 @@ its data in all; and is scored with `evaluate` on the server's test set
   (make_plan) to the run's target (epsilon, delta) for the union's size,
   batch size and epochs, also when the run fixes privacy.noise-multiplier.
 - silo: each site alone on its own training split at its own budget
-  (privacy.budget), with the sigma of its federated ledger plan and its hard
-  stop (a fixed sigma trains only the rounds the budget allows), scored on
-  the server's test set and on the site's own validation split.
+  (privacy.budget), with the sigma of its federated ledger plan (planned for
+  the rounds and the fine-tuning after them, personalize.epochs, which silo
+  does not train) and its hard stop (a fixed sigma trains only the rounds the
+  budget allows), scored on the server's test set and on the site's own
+  validation split, where the federation's sites score their global and
+  personalised models too.
 
 Under privacy.mode=central there is no record-level epsilon: pooled and silo
 train without DP, and `note` says so. Seeds: site k trains round r with the seed of
@@ -151,7 +154,8 @@ def silo(config: Config, splits: list[tuple[ImageSet, ImageSet]], test_set: Imag
     # the sites' ledger plans: sigma for each one's budget, and how many rounds that budget allows
     plans = plan_sites([len(train) for train, _ in splits], batch_size=t.batch_size, local_epochs=t.local_epochs,
                        rounds=rounds, target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
-                       noise_multiplier=p.noise_multiplier, budgets=p.budgets()) if p.local else None
+                       noise_multiplier=p.noise_multiplier, budgets=p.budgets(),
+                       finetune_epochs=config.personalize.epochs) if p.local else None
     privacy = p if p.local else dataclasses.replace(p, mode="off")
     sites = []
     for k, (train, val) in enumerate(splits):
@@ -168,16 +172,18 @@ def silo(config: Config, splits: list[tuple[ImageSet, ImageSet]], test_set: Imag
             "test": summarize([s["test"] for s in sites]), "val": summarize([s["val"] for s in sites])}
 
 
-def summarize(scores: list[dict]) -> dict:
+def summarize(scores: list[dict], sites: list[int] | None = None) -> dict:
     """Mean, worst and best over the sites of each metric (each metric its own worst and best site), and which
-    sites had the worst and the best accuracy. Sites where a metric is not applicable (NaN) are left out of it."""
+    sites had the worst and the best accuracy (their numbers in `sites`, by default their places in `scores`).
+    Sites where a metric is not applicable (NaN) are left out of it."""
+    sites = list(range(len(scores))) if sites is None else sites
     found = {"mean": {}, "worst": {}, "best": {}}
     for metric in SUMMARIZED:
         values = [s[metric] for s in scores if math.isfinite(s[metric])]
         found["mean"][metric] = float(np.mean(values)) if values else math.nan
         found["worst"][metric] = min(values, default=math.nan)
         found["best"][metric] = max(values, default=math.nan)
-    ranked = sorted((s["accuracy"], k) for k, s in enumerate(scores) if math.isfinite(s["accuracy"]))
+    ranked = sorted((s["accuracy"], k) for k, s in zip(sites, scores) if math.isfinite(s["accuracy"]))
     found["worst_site"] = ranked[0][1] if ranked else None
     found["best_site"] = ranked[-1][1] if ranked else None
     return found

@@ -100,14 +100,16 @@ class RunRecorder:
         stop_reason: str = "",
         central_epsilon: float | None = None,
         post_training: dict | None = None,
+        personalization: dict | None = None,
     ) -> dict:
         save_model(model, self.path / "global_model.pt", class_names=class_names)
-        sites = summarize_sites(site_metrics, self.config)
+        sites = summarize_sites(site_metrics, self.config, personalization)
         results = self._results(sites, site_metrics, strategy_seconds)
         results["stop_reason"] = stop_reason or None
         post_training = dict(post_training or {"robustness": None, "compression": None, "explanations": None})
         results["timings"]["post_training_seconds"] = post_training.pop("post_training_seconds", {})
         results.update(json_safe(post_training))
+        results["personalization"] = json_safe(personalization)  # None when personalize.epochs is 0
         if results["privacy"]["central"]:
             results["privacy"]["central"]["epsilon"] = central_epsilon
         (self.path / "results.json").write_text(json.dumps(results, indent=2))
@@ -169,8 +171,10 @@ class RunRecorder:
                               m["epsilon"], m["sigma"], m["train-seconds"], int(m["declined"])])
 
 
-def summarize_sites(site_metrics: list[dict], config: Config) -> list[dict]:
-    """Per site: n, sigma, epsilon spent, budget, delta, rounds trained, the round it stopped in (if it did)."""
+def summarize_sites(site_metrics: list[dict], config: Config, personalization: dict | None = None) -> list[dict]:
+    """Per site: n, sigma, epsilon spent (the fine-tuning included), budget, delta, rounds trained, the round it
+    stopped in (if it did), whether it fine-tuned after the last round."""
+    tuned = {s["site"]: s for s in (personalization or {"sites": []})["sites"] if not s["declined"]}
     by_site: dict[int, list[dict]] = {}
     for m in site_metrics:
         by_site.setdefault(int(m["site"]), []).append(m)
@@ -178,16 +182,18 @@ def summarize_sites(site_metrics: list[dict], config: Config) -> list[dict]:
     for site, replies in sorted(by_site.items()):
         last = replies[-1]
         declined = [int(m["round"]) for m in replies if m["declined"]]
+        spent = tuned.get(site, {}).get("epsilon")  # after the fine-tuning, when the site fine-tuned under DP
         rows.append({
             "site": site,
             "n": int(last["num-examples"]),
             "sigma": float(last["sigma"]),
-            "epsilon": float(last["epsilon"]),
+            "epsilon": float(last["epsilon"] if spent is None else spent),
             "budget": float(last["budget"]) if config.privacy.local else None,
             "delta": float(last["delta"]),
             "rounds_trained": int(last["rounds-trained"]),
             "last_round": max((int(m["round"]) for m in replies if not m["declined"]), default=0),
             "stopped_in_round": min(declined, default=None),
+            "finetuned": site in tuned,
         })
     return rows
 

@@ -41,7 +41,8 @@ def _privacy_section(results: dict) -> list[str]:
             f"**Record-level DP** (local DP-SGD, Opacus, {rec['accountant'].upper()} accountant): every site trained "
             f"with {noise}; its budget is epsilon = {rec['target_epsilon']} at delta = {rec['delta']:g} over the "
             "whole training unless it set its own. This epsilon protects each patient record of a site, counts "
-            "every round the site took part in, and a site declines any round that would take it past its budget.",
+            "every round the site took part in and any fine-tuning after them, and a site declines any round (or "
+            "fine-tuning) that would take it past its budget.",
             "",
             "| site | images | sigma | epsilon spent | budget | delta | rounds trained | stopped |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | :--- |",
@@ -49,7 +50,8 @@ def _privacy_section(results: dict) -> list[str]:
         for s in results["sites"]:
             stopped = f"declined round {s['stopped_in_round']}" if s["stopped_in_round"] else "no"
             lines.append(f"| {s['site']} | {s['n']} | {s['sigma']:.3f} | {s['epsilon']:.3f} | {s['budget']:g} | "
-                         f"{s['delta']:g} | {s['rounds_trained']} | {stopped} |")
+                         f"{s['delta']:g} | {s['rounds_trained']}{' + fine-tuning' if s.get('finetuned') else ''} | "
+                         f"{stopped} |")
         lines += ["", "![epsilon per site](epsilon_per_site.png)", ""]
     if privacy["central"]:
         c = privacy["central"]
@@ -200,6 +202,31 @@ def _baselines_section(results: dict) -> list[str]:
     return lines + [""]
 
 
+def _personalization_section(results: dict) -> list[str]:
+    """Global vs personalised model on each site's own validation split, beside silo's when the baselines ran."""
+    p, baselines = results["personalization"], results.get("baselines")
+    silo = baselines and {**{s["site"]: s["val"] for s in baselines["silo"]["sites"]}, **baselines["silo"]["val"]}
+    lines = [
+        "## Personalised on each site's own data",
+        f"After the last round each site fine-tuned the global model for {p['epochs']} epoch(s) on its own training "
+        f"split (FL + fine-tuning) and scored both models on its own validation split. {p['guarantee']} {p['release']}",
+        "", "| site | val images | global accuracy | personalised accuracy | global IoU | personalised IoU | "
+        + ("silo accuracy | " if silo else "") + "eps after |",
+        "| ---: " * (7 + bool(silo)) + "|",
+    ]
+    rows = [(s["site"], s["site"], s["n"], s["global"], s["personalized"], format_metric(s["epsilon"], ".2f"))
+            for s in p["sites"]]
+    # over the sites that fine-tuned, each column its own worst and best
+    rows += [(f"**{key}**", key, "", p["global"][key], p["personalized"][key], "") for key in ("mean", "worst", "best")]
+    for label, key, n, before, after, eps in rows:
+        cells = [label, n, format_metric(before["accuracy"]), format_metric(after["accuracy"]) if after else "declined",
+                 format_metric(before["iou"]), format_metric(after["iou"]) if after else "declined"]
+        cells += [format_metric(silo.get(key, {}).get("accuracy"))] if silo else []
+        lines.append("| " + " | ".join(str(c) for c in cells + [eps]) + " |")
+    reasons = [f"- {s['reason']}." for s in p["sites"] if s["declined"]]
+    return lines + [""] + (reasons + [""] if reasons else [])
+
+
 def render_baselines_report(results: dict) -> str:
     """report.md of a run directory that holds baselines and no federation (`fedclinic baselines` alone)."""
     lines = [f"# fedclinic baselines `{results['run']}`", "",
@@ -210,6 +237,8 @@ def render_baselines_report(results: dict) -> str:
 
 def _post_training_sections(results: dict) -> list[str]:
     lines = [""]
+    if results.get("personalization"):
+        lines += _personalization_section(results)
     if results.get("baselines"):
         lines += _baselines_section(results)
     if results.get("robustness"):

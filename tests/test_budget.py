@@ -30,7 +30,7 @@ def test_inverse_prints_the_sigma_that_meets_the_target(capsys):
     assert reference_epsilon([(sigma, 0.1, 200)], 1e-5, "rdp") == pytest.approx(3.0, rel=0.01)
 
 
-def test_plan_gives_each_site_a_sigma_that_spends_its_budget_by_the_last_round(capsys):
+def test_plan_gives_each_site_a_sigma_that_spends_its_budget_by_the_end_of_its_fine_tuning(capsys):
     code, out, _ = run(capsys, "--plan", "--site-sizes", "600,100,1500", "--rounds", "3",
                        "--set", "training.batch-size=50", "--set", "training.local-epochs=2",
                        "--set", "privacy.target-epsilon=4", "--json")
@@ -38,11 +38,37 @@ def test_plan_gives_each_site_a_sigma_that_spends_its_budget_by_the_last_round(c
     assert code == 0 and [s["n"] for s in plan["sites"]] == [600, 100, 1500]
     for site in plan["sites"]:
         eps = site["epsilon_by_round"]
-        assert len(eps) == 3 and eps[0] < eps[1] < eps[2] == pytest.approx(4.0, rel=0.01)
+        assert len(eps) == 3 and eps[0] < eps[1] < eps[2] < site["epsilon_after_finetuning"]
+        assert site["epsilon_after_finetuning"] == pytest.approx(4.0, rel=0.01) and site["finetunes"]
         assert site["sample_rate"] == pytest.approx(50 / site["n"])
         assert site["steps_per_round"] == 2 * site["n"] // 50  # 2 local epochs of n / 50 batches
+        assert site["finetune_steps"] == site["n"] // 50  # then personalize.epochs=1 of fine-tuning
     small, big = plan["sites"][1], plan["sites"][2]
     assert small["noise_multiplier"] > big["noise_multiplier"]  # a small site samples more of itself per step
+
+
+def test_plan_without_fine_tuning_spends_the_budget_by_the_last_round(capsys):
+    code, out, _ = run(capsys, "--plan", "--site-sizes", "600,100", "--rounds", "3", "--set", "training.batch-size=50",
+                       "--set", "privacy.target-epsilon=4", "--set", "personalize.epochs=0", "--json")
+    assert code == 0
+    for site in json.loads(out)["sites"]:
+        assert site["epsilon_by_round"][-1] == pytest.approx(4.0, rel=0.01)
+        assert (site["finetune_steps"], site["epsilon_after_finetuning"], site["finetunes"]) == (0, None, False)
+
+
+def test_plan_table_says_which_site_fine_tunes(capsys):
+    # Prepare: a fixed sigma; site 1's budget allows its rounds but not the fine-tuning after them
+    fixed = ["--plan", "--site-sizes", "600,600", "--rounds", "2", "--set", "training.batch-size=50",
+             "--set", "privacy.noise-multiplier=1.0"]
+    _, out, _ = run(capsys, *fixed, "--json")
+    site = json.loads(out)["sites"][1]
+    budget = (site["epsilon_by_round"][-1] + site["epsilon_after_finetuning"]) / 2
+    # Execute
+    code, out, _ = run(capsys, *fixed, "--set", f'privacy.site-budgets="1={budget}"')
+    # Assert
+    assert code == 0 and "then 1 epoch(s) of fine-tuning" in out and "eps@ft" in out
+    lines = [line for line in out.splitlines() if line.split()[0] in ("0", "1")]
+    assert lines[0].endswith("all rounds, fine-tunes") and lines[1].endswith("all rounds, declines the fine-tuning")
 
 
 @pytest.mark.parametrize("args, words", [

@@ -137,7 +137,8 @@ def test_a_supernode_killed_mid_round_is_left_out_and_goes_on_from_its_ledger_wh
     # the killed site's ledger is whole; restarted, it went on from it (round 3 adds to round 1)
     state = run / "deployment" / "sites" / "site-2" / "state"
     ledger = Ledger.open(state, site=2)
-    assert [e.round for e in ledger.entries] == [1, 3]  # killed while its ClientApp started: round 2 spent nothing
+    # killed while its ClientApp started: round 2 spent nothing; after round 3 it fine-tuned (personalize.epochs)
+    assert [(e.round, e.kind) for e in ledger.entries] == [(1, "round"), (3, "round"), (4, "fine-tuning")]
     accountant = RDPAccountant()  # Opacus's own, over the entries on disk
     accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries]
     assert ledger.epsilon() == pytest.approx(accountant.get_epsilon(delta=config.privacy.delta), rel=1e-9)
@@ -232,14 +233,16 @@ def test_a_run_whose_server_was_killed_resumes_from_its_checkpoint_to_the_same_n
     # Execute: resume
     resumed = cli("simulate", "--resume", str(run))
     # Assert: the same 3 rounds in all, each recorded once; each site's ledger has one entry per round, since a
-    # site asked again for a round it had trained from the same model resends that update (no second spend)
+    # site asked again for a round it had trained from the same model resends that update (no second spend),
+    # then the fine-tuning the resumed server asked for after round 3
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     results = json.loads((run / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2, 3]
     assert re.search(r"^\s+3\s", resumed.stdout, re.M)  # the table's last round
     for k in range(2):
         ledger = Ledger.open(run / "sites" / f"site-{k}", site=k)
-        assert [e.round for e in ledger.entries] == [1, 2, 3]
+        assert [(e.round, e.kind) for e in ledger.entries] == [(1, "round"), (2, "round"), (3, "round"),
+                                                               (4, "fine-tuning")]
     assert [r["sites_trained"] for r in results["rounds"][1:]] == [2, 2, 2]
     assert with_env(marker) == set()
 

@@ -124,3 +124,35 @@ def test_ledger_show_prints_what_the_site_spent_by_round(tmp_path, capsys):
 def test_ledger_show_of_a_directory_without_a_ledger_says_so(tmp_path, capsys):
     assert main(["ledger", "show", str(tmp_path / "nowhere")]) == 2
     assert "holds no privacy ledger" in capsys.readouterr().err
+
+
+def test_a_ledger_written_before_fine_tuning_existed_still_loads_and_shows(tmp_path, capsys):
+    # Prepare: the file as fedclinic wrote it before: no finetune_steps in the plan, no kind in the entries
+    old = {"format": "fedclinic-ledger/1", "site": 4,
+           "plan": {"noise_multiplier": 1.1, "sample_rate": 0.05, "steps_per_round": 40, "rounds": 5,
+                    "target_epsilon": 8.0, "delta": 1e-5, "accountant": "rdp"},
+           "entries": [{"round": r, "noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 40, "time": 0.0}
+                       for r in (1, 2)]}
+    (tmp_path / "ledger.json").write_text(json.dumps(old))
+    # Execute
+    ledger = Ledger.open(tmp_path, site=4)
+    # Assert: every entry a round, a plan without fine-tuning, the same epsilon
+    assert ledger.rounds_trained == 2 and [e.kind for e in ledger.entries] == ["round", "round"]
+    assert ledger.plan.finetune_steps == 0
+    assert ledger.epsilon() == pytest.approx(reference_epsilon([(1.1, 0.05, 80)], 1e-5, "rdp"), rel=0.01)
+    assert main(["ledger", "show", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "over 2 round(s) (RDP accountant)" in text and "fine-tuning" not in text
+
+
+def test_ledger_show_marks_the_fine_tuning_after_the_rounds(tmp_path, capsys):
+    ledger = Ledger.open(tmp_path, site=0)
+    ledger.set_plan(Plan(1.1, 0.05, 40, 2, 8.0, 1e-5, "rdp", finetune_steps=20))
+    for r in (1, 2):
+        ledger.record(round=r, noise_multiplier=1.1, sample_rate=0.05, steps=40)
+    ledger.record(round=3, noise_multiplier=1.1, sample_rate=0.05, steps=20, kind="fine-tuning")
+    assert main(["ledger", "show", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "over 2 round(s) and the fine-tuning" in lines[0] and "then 20 steps of fine-tuning" in lines[1]
+    assert lines[-1].split()[0] == "3" and lines[-1].endswith("fine-tuning")
+    assert Ledger.open(tmp_path, site=0).rounds_trained == 2

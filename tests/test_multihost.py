@@ -103,6 +103,7 @@ def test_sites_on_their_own_addresses_train_through_a_tls_superlink(mode, tmp_pa
     assert [(s["site"], s["rounds_trained"]) for s in run["sites"]] == [(k, 1) for k in range(SITES)]
     for k in range(SITES):  # each site's privacy ledger is in its own state directory, nowhere else
         ledger = json.loads((Path(summary["state_dirs"][k]) / "ledger.json").read_text())
-        assert ledger["site"] == k and [e["round"] for e in ledger["entries"]] == [1]
+        assert ledger["site"] == k and [(e["round"], e["kind"]) for e in ledger["entries"]] == [(1, "round"),
+                                                                                                 (2, "fine-tuning")]
     assert not (Path(summary["run_dir"]) / "sites").exists()
     assert left == set(), "processes of the run were left running"

@@ -173,6 +173,7 @@ def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_h
     common += ["--set", f'privacy.site-budgets="1={budget}"']
     predicted = budget_plan(capsys, *common)
     assert [site["rounds_within_budget"] for site in predicted] == [3, 1, 3]
+    assert [site["finetunes"] for site in predicted] == [True, False, True]  # site 1 cannot fine-tune either
     # Execute
     proc = simulate(*common, "--out", str(tmp_path), "--name", "budget")
     # Assert: site 1 declined round 2 and spent exactly its first round, the others went on
@@ -189,12 +190,16 @@ def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_h
     assert main(["ledger", "show", str(run / "sites" / "site-1"), "--json"]) == 0
     ledger = json.loads(capsys.readouterr().out)
     assert [r["round"] for r in ledger["rounds"]] == [1] and ledger["epsilon"] <= budget
+    personalized = {s["site"]: s for s in results["personalization"]["sites"]}
+    assert [personalized[k]["declined"] for k in range(3)] == [False, True, False]
+    assert personalized[1]["epsilon"] == sites[1]["epsilon"]  # declined: spent nothing more
     # the site-level epsilon: three Gaussian releases at noise 1.0, no amplification claimed;
     # checked against Opacus's RDP accountant (Flower's own uses Google's dp-accounting)
     central = results["privacy"]["central"]
     assert central["epsilon"] == pytest.approx(epsilon([(1.0, 1.0, 3)], delta=1e-3), rel=0.02)
     report = (run / "report.md").read_text()
     assert "Record-level DP" in report and "Site-level DP" in report and "declined round 2" in report
+    assert "site 1 declines the fine-tuning" in report
 
 
 @pytest.mark.slow

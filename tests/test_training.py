@@ -22,8 +22,9 @@ def initial_state(config, site):
 
 
 def test_dp_rounds_spend_the_planned_budget_and_persist_it(tmp_path):
-    # Prepare: one site that plans 3 rounds at epsilon = 3
-    config = load_config(None, SMALL + ["federation.rounds=3", "privacy.target-epsilon=3"])
+    # Prepare: one site that plans 3 rounds at epsilon = 3, and no fine-tuning after them (the plan that
+    # includes it: test_personalize.py)
+    config = load_config(None, SMALL + ["federation.rounds=3", "privacy.target-epsilon=3", "personalize.epochs=0"])
     site = Site(index=1, count=3, state_dir=tmp_path / "site-1")
     state = initial_state(config, site)
     spent = []

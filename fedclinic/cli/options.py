@@ -90,7 +90,8 @@ def check_budget(config: Config, smallest_site: int) -> None:
     target = min([p.target_epsilon, *p.budgets().values()])
     # the smallest site samples at the highest rate: if it can meet the target, every site can
     q = sample_rate(num_examples=smallest_site, batch_size=t.batch_size)
-    steps = config.federation.rounds * t.local_epochs * steps_per_epoch(num_examples=smallest_site, batch_size=t.batch_size)
+    epochs = config.federation.rounds * t.local_epochs + config.personalize.epochs  # the fine-tuning is planned for too
+    steps = epochs * steps_per_epoch(num_examples=smallest_site, batch_size=t.batch_size)
     if not reachable(target_epsilon=target, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant):
         raise ConfigError(
             f"no noise level reaches epsilon={target} at delta={p.delta} for the smallest site "

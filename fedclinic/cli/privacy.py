@@ -89,7 +89,8 @@ def _budget_plan(args: argparse.Namespace, plan_sites) -> int:
     try:
         rows = plan_sites(sizes, batch_size=t.batch_size, local_epochs=t.local_epochs,
                           rounds=config.federation.rounds, target_epsilon=p.target_epsilon, delta=p.delta,
-                          accountant=p.accountant, noise_multiplier=p.noise_multiplier, budgets=p.budgets())
+                          accountant=p.accountant, noise_multiplier=p.noise_multiplier, budgets=p.budgets(),
+                          finetune_epochs=config.personalize.epochs)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if args.json:
@@ -97,16 +98,21 @@ def _budget_plan(args: argparse.Namespace, plan_sites) -> int:
                           "sites": rows}))
         return 0
     noise = f"fixed sigma {p.noise_multiplier:g}" if p.noise_multiplier else "sigma calibrated to each site's budget"
-    print(f"budget epsilon {p.target_epsilon:g} at delta {p.delta:g} per site over {config.federation.rounds} rounds "
-          f"({p.accountant.upper()}; {noise}); batch {t.batch_size}, {t.local_epochs} local epoch(s)")
+    finetune = config.personalize.epochs
+    then = f", then {finetune} epoch(s) of fine-tuning" if finetune else ""
+    print(f"budget epsilon {p.target_epsilon:g} at delta {p.delta:g} per site over {config.federation.rounds} rounds"
+          f"{then} ({p.accountant.upper()}; {noise}); batch {t.batch_size}, {t.local_epochs} local epoch(s)")
     rounds = config.federation.rounds
-    head = "  ".join(f"eps@r{r}" for r in range(1, rounds + 1))
+    head = "  ".join(f"eps@r{r}" for r in range(1, rounds + 1)) + ("  eps@ft" if finetune else "")
     print(f"{'site':>4}  {'images':>6}  {'q':>7}  {'steps/r':>7}  {'sigma':>6}  {'budget':>6}  {head}  trains")
     for row in rows:
         eps = "  ".join(f"{e:>6.2f}" for e in row["epsilon_by_round"])
+        eps += f"  {row['epsilon_after_finetuning']:>6.2f}" if finetune else ""
         stop = row["rounds_within_budget"]
         trains = ("all rounds" if stop == rounds else "no round" if stop == 0
                   else f"round{'s 1-' if stop > 1 else ' '}{stop}, then stops")
+        if finetune:
+            trains += ", fine-tunes" if row["finetunes"] else ", declines the fine-tuning"
         print(f"{row['site']:>4}  {row['n']:>6}  {row['sample_rate']:>7.4f}  {row['steps_per_round']:>7}  "
               f"{row['noise_multiplier']:>6.3f}  {row['budget']:>6.2f}  {eps}  {trains}")
     return 0
@@ -161,15 +167,15 @@ def audit_into_run(run_dir: Path) -> dict:
 def ledger_parser(sub) -> None:
     p = sub.add_parser("ledger", help="what a site has spent, from its privacy ledger",
                        description="fedclinic ledger show DIR: a site's noise plan and every DP release it made, "
-                       "with its cumulative epsilon after each round. DIR is a site's state directory "
-                       "(runs/NAME/sites/site-K in simulation, the SuperNode's state-dir when deployed).")
+                       "with its cumulative epsilon after each round and the fine-tuning. DIR is a site's state "
+                       "directory (runs/NAME/sites/site-K in simulation, the SuperNode's state-dir when deployed).")
     p.add_argument("action", choices=["show"])
     p.add_argument("state_dir", metavar="DIR")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
 
 def ledger(args: argparse.Namespace) -> int:
-    from fedclinic.privacy.ledger import Ledger
+    from fedclinic.privacy.ledger import ROUND, Ledger
 
     book = Ledger.open(args.state_dir, site=None)
     spent = book.spending()
@@ -180,13 +186,18 @@ def ledger(args: argparse.Namespace) -> int:
     if plan is None:
         print(f"site {spent['site']}: no DP release recorded yet")
         return 0
+    rounds = [r for r in spent["rounds"] if r["kind"] == ROUND]
+    finetuned = " and the fine-tuning" if len(rounds) < len(spent["rounds"]) else ""
     print(f"site {spent['site']}: epsilon {spent['epsilon']:.4f} spent at delta {spent['delta']:g} "
-          f"over {len(spent['rounds'])} round(s) ({spent['accountant'].upper()} accountant)")
+          f"over {len(rounds)} round(s){finetuned} ({spent['accountant'].upper()} accountant)")
+    finetune = f", then {plan['finetune_steps']} steps of fine-tuning" if plan["finetune_steps"] else ""
     print(f"plan: sigma {plan['noise_multiplier']:.4f}, q {plan['sample_rate']:.4g}, "
-          f"{plan['steps_per_round']} steps a round, {plan['rounds']} rounds, budget epsilon {plan['target_epsilon']:g}")
+          f"{plan['steps_per_round']} steps a round, {plan['rounds']} rounds{finetune}, "
+          f"budget epsilon {plan['target_epsilon']:g}")
     print(f"{'round':>5}  {'sigma':>7}  {'q':>7}  {'steps':>5}  {'epsilon':>8}  when (UTC)")
     for r in spent["rounds"]:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["time"]))
+        kind = "" if r["kind"] == ROUND else f"  {r['kind']}"
         print(f"{r['round']:>5}  {r['noise_multiplier']:>7.4f}  {r['sample_rate']:>7.4g}  {r['steps']:>5}  "
-              f"{r['epsilon']:>8.4f}  {when}")
+              f"{r['epsilon']:>8.4f}  {when}{kind}")
     return 0

@@ -56,9 +56,23 @@ def run_once(config: Config, run_dir: Path, say: Callable[[str], None]) -> dict:
     return results
 
 
+def personalization_line(results: dict) -> str:
+    """Global -> personalised accuracy on the sites' own validation splits (beside silo's, when the baselines ran)."""
+    from fedclinic.report_text import format_metric
+
+    p, acc = results["personalization"], lambda scores: format_metric(scores["accuracy"], ".2f")
+    line = (f"personalised on own validation splits: mean accuracy {acc(p['global']['mean'])} -> "
+            f"{acc(p['personalized']['mean'])}, worst site {acc(p['global']['worst'])} -> "
+            f"{acc(p['personalized']['worst'])}")
+    if p["compared"] < len(p["sites"]):
+        line += f" ({p['compared']} of {len(p['sites'])} sites fine-tuned)"
+    silo = results["baselines"]["silo"]["val"] if results.get("baselines") else None
+    return line + (f"; silo alone {acc(silo['mean'])}, worst {acc(silo['worst'])}" if silo else "")
+
+
 def post_training_summary(results: dict) -> list[str]:
-    """One line each for the attack, the compressed model and the explanations, when they ran."""
-    lines = []
+    """One line each for the personalisation, the attack, the compressed model and the explanations, when they ran."""
+    lines = [personalization_line(results)] if results.get("personalization") else []
     if results.get("robustness"):
         r = results["robustness"]
         lines.append(f"under attack ({r['attack'].upper()} {r['norm']}): accuracy {r['clean_accuracy']:.3f} clean, "

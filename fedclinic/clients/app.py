@@ -1,4 +1,4 @@
-"""The Flower ClientApp: one per hospital site. Thin handlers around clients/site.py.
+"""The Flower ClientApp: one per hospital site. Thin handlers around clients/site.py and clients/personalize.py.
 
     flwr run .        (or: fedclinic simulate)
 """
@@ -10,6 +10,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedclinic.clients.personalize import personalize_site
 from fedclinic.clients.site import Site, evaluate_round, train_round
 from fedclinic.config import ConfigError, from_run_config
 
@@ -56,7 +57,11 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     new_state, metrics, declined = train_round(config, _site(msg, context), state_dict, server_round=server_round,
                                                proximal_mu=mu)
-    content = RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)})
+    return _reply(msg, RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(metrics)}), declined)
+
+
+def _reply(msg: Message, content: RecordDict, declined: str) -> Message:
+    """The reply to `msg`; a site that declined says why in a "status" ConfigRecord."""
     if declined:
         content["status"] = ConfigRecord({"declined": declined})
     return Message(content=content, reply_to=msg)
@@ -67,3 +72,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = from_run_config(context.run_config)
     metrics = evaluate_round(config, _site(msg, context), msg.content["arrays"].to_torch_state_dict())
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    """After the last round: fine-tune the global model here; only the validation scores go back, never the model."""
+    config = from_run_config(context.run_config)
+    server_round = int(msg.content["config"]["server-round"])
+    metrics, declined = personalize_site(config, _site(msg, context), msg.content["arrays"].to_torch_state_dict(),
+                                         server_round=server_round)
+    return _reply(msg, RecordDict({"metrics": MetricRecord(metrics)}), declined)

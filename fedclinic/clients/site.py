@@ -19,7 +19,7 @@ from fedclinic.config import Config, check_site_size
 from fedclinic.data import ImageSet, load_site_file, site_data
 from fedclinic.evaluation import evaluate
 from fedclinic.model import build_model
-from fedclinic.privacy.ledger import Ledger, make_plan
+from fedclinic.privacy.ledger import ROUND, Ledger, Plan, make_plan
 
 
 @dataclass(frozen=True)
@@ -66,21 +66,11 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
     budget = site.budget(config)
     sigma = 0.0
     if config.privacy.local:
-        if ledger.plan is None:  # calibrated once, before the first round, for all planned rounds
-            ledger.set_plan(
-                make_plan(
-                    num_examples=len(train),
-                    batch_size=config.training.batch_size,
-                    local_epochs=config.training.local_epochs,
-                    rounds=config.federation.rounds,
-                    privacy=config.privacy,
-                    budget=budget,
-                )
-            )
-        sigma = ledger.plan.noise_multiplier
-        repeat = _repeated_round(site, ledger, server_round, _fingerprint(state_dict, config, mu))
+        sigma = plan_once(config, site, ledger, len(train)).noise_multiplier
+        repeat = resend(site, ledger, REPLY, server_round=server_round, kind=ROUND,
+                        sent=fingerprint(state_dict, config, mu))
         if repeat is not None:  # the server lost this round's aggregate (it was restarted): send the same update
-            state, stats = repeat
+            state, stats = repeat["state"], json.loads(repeat["stats"])
             metrics = _round_metrics(config, site, ledger, min(budget, ledger.plan.target_epsilon),
                                      num_examples=len(train), declined=False)
             return state, {**metrics, **stats}, ""
@@ -113,17 +103,35 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
     if config.privacy.local:
         ledger.record(round=server_round, noise_multiplier=sigma, sample_rate=result.sample_rate, steps=result.steps)
         # after the ledger entry: a kept update is always a release the ledger holds
-        _keep_reply(site, server_round, _fingerprint(state_dict, config, mu), state, stats)
+        keep(site, REPLY, {"round": server_round, "sent": fingerprint(state_dict, config, mu), "state": state,
+                           "stats": json.dumps(stats)})
     metrics = _round_metrics(config, site, ledger, budget, num_examples=result.num_examples, declined=False)
     metrics.update({**stats, "rounds-trained": ledger.rounds_trained if config.privacy.local else server_round})
     return state, metrics, ""
 
 
 REPLY = "last_reply.pt"
-TRAINING_KEYS = ("data.", "model.", "training.", "privacy.", "robustness.train-")
+TRAINING_KEYS = ("data.", "model.", "training.", "privacy.", "robustness.train-", "personalize.")
 
 
-def _fingerprint(state_dict: dict, config: Config, proximal_mu: float) -> str:
+def plan_once(config: Config, site: Site, ledger: Ledger, num_examples: int) -> Plan:
+    """The site's plan: calibrated once, before its first release, for all planned rounds and the fine-tuning."""
+    if ledger.plan is None:
+        ledger.set_plan(
+            make_plan(
+                num_examples=num_examples,
+                batch_size=config.training.batch_size,
+                local_epochs=config.training.local_epochs,
+                rounds=config.federation.rounds,
+                privacy=config.privacy,
+                budget=site.budget(config),
+                finetune_epochs=config.personalize.epochs,
+            )
+        )
+    return ledger.plan
+
+
+def fingerprint(state_dict: dict, config: Config, proximal_mu: float = 0.0) -> str:
     """Of the global model a round starts from and of every setting that shapes local training.
 
     FedProx's mu is the one the server sent with the round, which is what trains.
@@ -137,15 +145,15 @@ def _fingerprint(state_dict: dict, config: Config, proximal_mu: float) -> str:
     return digest.hexdigest()
 
 
-def _keep_reply(site: Site, server_round: int, sent: str, state: dict, stats: dict) -> None:
-    """Keep the round's update beside the ledger (atomically), to resend if the server asks for this round again."""
+def keep(site: Site, name: str, reply: dict) -> None:
+    """Keep a reply beside the ledger (atomically), to resend if the server asks for the same release again."""
     if site.state_dir is None:
         return
-    path = site.state_dir / REPLY
+    path = site.state_dir / name
     tmp = path.with_suffix(".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save({"round": server_round, "sent": sent, "state": state, "stats": json.dumps(stats)}, f)
+            torch.save(reply, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -153,24 +161,25 @@ def _keep_reply(site: Site, server_round: int, sent: str, state: dict, stats: di
         tmp.unlink(missing_ok=True)
 
 
-def _repeated_round(site: Site, ledger: Ledger, server_round: int, sent: str) -> tuple[dict, dict] | None:
-    """(state, stats) of this very round, if the site already trained it from this very model and settings.
+def resend(site: Site, ledger: Ledger, name: str, *, server_round: int, kind: str, sent: str) -> dict | None:
+    """The reply `keep` kept under `name` for this very release, to send again; None when there is none.
 
-    A server restarted from its checkpoint asks again for the round it lost.
-    Training again would spend the budget twice for one round; sending the
-    same update again is post-processing of a release already in the ledger,
-    and costs nothing more.
+    A server restarted from its checkpoint asks again for what it lost.
+    Training again would spend the budget twice; sending the same reply again
+    is post-processing of a release already in the ledger, and costs nothing
+    more. So the reply counts only if the ledger's last release is this one
+    (`server_round` and `kind`) and it was made from this very model and
+    settings (`sent`, their fingerprint).
     """
-    path = None if site.state_dir is None else site.state_dir / REPLY
-    if path is None or not path.exists() or not ledger.entries or ledger.entries[-1].round != server_round:
+    last = ledger.entries[-1] if ledger.entries else None
+    path = None if site.state_dir is None else site.state_dir / name
+    if last is None or (last.round, last.kind) != (server_round, kind) or path is None or not path.exists():
         return None
     try:
-        kept = torch.load(path, map_location="cpu", weights_only=True)
+        reply = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # unreadable: train again, which the ledger charges, so nothing goes unaccounted
         return None
-    if kept["round"] != server_round or kept["sent"] != sent:
-        return None
-    return kept["state"], json.loads(kept["stats"])
+    return reply if reply["round"] == server_round and reply["sent"] == sent else None
 
 
 def _round_metrics(config: Config, site: Site, ledger: Ledger, budget: float, *, num_examples: int,

@@ -28,6 +28,7 @@ from fedclinic.config.sections import (  # noqa: F401 (the public names of fedcl
     PrivacyConfig,
     STRATEGIES,
     FederationConfig,
+    PersonalizeConfig,
     ATTACKS,
     NORMS,
     TRAIN_ATTACKS,
@@ -46,6 +47,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)

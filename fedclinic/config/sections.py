@@ -279,6 +279,18 @@ class FederationConfig:
         _require(self.proximal_mu >= 0, f"federation.proximal-mu must be >= 0, got {self.proximal_mu}")
 
 
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    # local epochs each site fine-tunes the global model for after the last round (FL + fine-tuning);
+    # under record-level DP it is DP-SGD charged to the site's ledger, and the site's noise is planned
+    # for it from round 1; 0 switches personalisation off
+    epochs: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 0,
+                 f"personalize.epochs must be >= 0 (0 switches personalisation off), got {self.epochs}")
+
+
 ATTACKS, NORMS, TRAIN_ATTACKS = ("fgsm", "pgd"), ("linf", "l2"), ("none", "fgsm", "pgd")
 
 

@@ -110,15 +110,20 @@ def plan_site(
     delta: float,
     accountant: str = "rdp",
     noise_multiplier: float = 0.0,
+    finetune_epochs: int = 0,
 ) -> tuple[float, float, int]:
-    """(noise_multiplier, sample_rate, steps_per_round) for a site that trains every round.
+    """(noise_multiplier, sample_rate, steps_per_round) for a site that trains every round, then fine-tunes.
 
-    Sigma is calibrated to the target unless a fixed `noise_multiplier` > 0 is given.
+    Sigma is calibrated to the target over all `rounds` and the `finetune_epochs`
+    of fine-tuning after the last one (personalize.epochs), unless a fixed
+    `noise_multiplier` > 0 is given.
     """
     q = sample_rate(num_examples=num_examples, batch_size=batch_size)
-    per_round = local_epochs * steps_per_epoch(num_examples=num_examples, batch_size=batch_size)
+    per_epoch = steps_per_epoch(num_examples=num_examples, batch_size=batch_size)
+    per_round = local_epochs * per_epoch
+    steps = rounds * per_round + finetune_epochs * per_epoch
     sigma = noise_multiplier or calibrate_noise(
-        target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=rounds * per_round, accountant=accountant
+        target_epsilon=target_epsilon, delta=delta, sample_rate=q, steps=steps, accountant=accountant
     )
     return sigma, q, per_round
 
@@ -134,10 +139,13 @@ def plan_sites(
     accountant: str = "rdp",
     noise_multiplier: float = 0.0,
     budgets: dict[int, float] | None = None,
+    finetune_epochs: int = 0,
 ) -> list[dict]:
-    """Per site: q, steps per round, sigma, and epsilon after each round.
+    """Per site: q, steps per round, sigma, epsilon after each round, and whether the fine-tuning fits its budget.
 
     A site in `budgets` calibrates to its own epsilon instead of `target_epsilon`.
+    The fine-tuning (`finetune_epochs`, after the rounds its budget allows) fits
+    when the epsilon after it is within the budget: the hard stop of a round.
     """
     rows = []
     for site, n in enumerate(sizes):
@@ -145,11 +153,17 @@ def plan_sites(
         sigma, q, per_round = plan_site(
             num_examples=n, batch_size=batch_size, local_epochs=local_epochs, rounds=rounds,
             target_epsilon=budget, delta=delta, accountant=accountant, noise_multiplier=noise_multiplier,
+            finetune_epochs=finetune_epochs,
         )
         by_round = [epsilon([(sigma, q, r * per_round)], delta=delta, accountant=accountant) for r in range(1, rounds + 1)]
+        within = rounds_within(by_round, budget)
+        finetune_steps = finetune_epochs * steps_per_epoch(num_examples=n, batch_size=batch_size)
+        after = epsilon([(sigma, q, within * per_round + finetune_steps)], delta=delta, accountant=accountant)
         rows.append({"site": site, "n": n, "sample_rate": q, "steps_per_round": per_round,
                      "noise_multiplier": sigma, "epsilon_by_round": by_round, "budget": budget,
-                     "rounds_within_budget": rounds_within(by_round, budget)})
+                     "rounds_within_budget": within, "finetune_steps": finetune_steps,
+                     "epsilon_after_finetuning": after if finetune_steps else None,
+                     "finetunes": bool(finetune_steps) and after <= budget})
     return rows
 
 

@@ -7,6 +7,11 @@ over it, so a crash leaves either the old or the new ledger, never half. A
 site holds an exclusive lock on its ledger for a whole round (`Ledger.locked`),
 so a second process pointed at the same state directory is refused instead of
 spending the same budget twice.
+
+A release is a round of the federation or the site's fine-tuning after the
+last round (kind "fine-tuning", numbered as the round after it). Ledgers
+written before fine-tuning existed load as they were: every entry a round,
+a plan without fine-tuning.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fedclinic.config import PrivacyConfig
-from fedclinic.privacy.accounting import Release, epsilon, plan_site
+from fedclinic.privacy.accounting import Release, epsilon, plan_site, steps_per_epoch
 
 FORMAT = "fedclinic-ledger/1"
 FILENAME = "ledger.json"
@@ -44,17 +49,22 @@ class Plan:
     target_epsilon: float
     delta: float
     accountant: str
+    finetune_steps: int = 0  # steps of the fine-tuning after the last round (personalize.epochs), planned for too
+
+
+ROUND, FINETUNING = "round", "fine-tuning"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One DP release: a round of local DP-SGD."""
+    """One DP release: a round of local DP-SGD, or the fine-tuning after the last round."""
 
     round: int
     noise_multiplier: float
     sample_rate: float
     steps: int
     time: float
+    kind: str = ROUND  # ROUND or FINETUNING
 
 
 @dataclass
@@ -70,10 +80,11 @@ class Ledger:
 
     @property
     def rounds_trained(self) -> int:
-        return len(self.entries)
+        """Rounds of the federation trained (the fine-tuning is not one)."""
+        return sum(e.kind == ROUND for e in self.entries)
 
     def epsilon(self) -> float:
-        """Epsilon spent so far, over every round, at the plan's delta."""
+        """Epsilon spent so far, over every release (the rounds and any fine-tuning), at the plan's delta."""
         if self.plan is None:
             return 0.0
         return epsilon(self.history, delta=self.plan.delta, accountant=self.plan.accountant)
@@ -91,17 +102,21 @@ class Ledger:
 
     def epsilon_after_round(self) -> float:
         """Epsilon the site would have spent after one more round of its plan."""
+        return self.epsilon_after(self.plan.steps_per_round)
+
+    def epsilon_after(self, steps: int) -> float:
+        """Epsilon the site would have spent after `steps` more steps at its plan's sigma and q."""
         plan = self.plan
-        step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        step = (plan.noise_multiplier, plan.sample_rate, steps)
         return epsilon(self.history + [step], delta=plan.delta, accountant=plan.accountant)
 
     def set_plan(self, plan: Plan) -> None:
         self.plan = plan
         self.save()
 
-    def record(self, *, round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    def record(self, *, round: int, noise_multiplier: float, sample_rate: float, steps: int, kind: str = ROUND) -> None:
         """Append a release and write the ledger before anything leaves the site."""
-        self.entries.append(Entry(round, noise_multiplier, sample_rate, steps, time.time()))
+        self.entries.append(Entry(round, noise_multiplier, sample_rate, steps, time.time(), kind))
         self.save()
 
     def save(self) -> None:
@@ -171,9 +186,10 @@ class Ledger:
 
 
 def make_plan(
-    *, num_examples: int, batch_size: int, local_epochs: int, rounds: int, privacy: PrivacyConfig, budget: float
+    *, num_examples: int, batch_size: int, local_epochs: int, rounds: int, privacy: PrivacyConfig, budget: float,
+    finetune_epochs: int = 0,
 ) -> Plan:
-    """The site's sigma for its budget (epsilon, delta) over all planned rounds, or the fixed sigma."""
+    """The site's sigma for its budget (epsilon, delta) over its planned rounds and fine-tuning, or the fixed one."""
     sigma, q, per_round = plan_site(
         num_examples=num_examples,
         batch_size=batch_size,
@@ -183,5 +199,7 @@ def make_plan(
         delta=privacy.delta,
         accountant=privacy.accountant,
         noise_multiplier=privacy.noise_multiplier,
+        finetune_epochs=finetune_epochs,
     )
-    return Plan(sigma, q, per_round, rounds, budget, privacy.delta, privacy.accountant)
+    finetune_steps = finetune_epochs * steps_per_epoch(num_examples=num_examples, batch_size=batch_size)
+    return Plan(sigma, q, per_round, rounds, budget, privacy.delta, privacy.accountant, finetune_steps)

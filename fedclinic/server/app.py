@@ -1,4 +1,4 @@
-"""The Flower ServerApp: run the strategy, evaluate centrally each round, attack/compress/explain, write the run.
+"""The Flower ServerApp: run the strategy, evaluate each round, personalise, attack/compress/explain, write the run.
 
     flwr run .        (or: fedclinic simulate)
 """
@@ -20,6 +20,7 @@ from fedclinic.evaluation.adversarial import fgsm_check
 from fedclinic.model import initial_model
 from fedclinic.report import RunRecorder, run_directory
 from fedclinic.server.checkpoint import load_checkpoint, save_checkpoint
+from fedclinic.server.personalization import personalize_sites
 from fedclinic.server.post_training import post_training, sample
 from fedclinic.strategies.build import build_strategy
 from fedclinic.strategies.sites import FederationStopped, wait_for_sites
@@ -75,6 +76,7 @@ def main(grid: Grid, context: Context) -> None:
 
     initial = ArrayRecord(model.state_dict())
     remaining = fed.rounds - strategy.offset
+    last_round = fed.rounds
     try:
         if remaining < 1:  # every round had finished: only the post-training steps were left
             raise FederationStopped("", initial, fed.rounds)
@@ -88,13 +90,14 @@ def main(grid: Grid, context: Context) -> None:
         )
         final = result.arrays if len(result.arrays) else initial  # empty when no site ever trained
     except FederationStopped as stopped:
-        final = stopped.arrays
+        final, last_round = stopped.arrays, stopped.last_round
     model.load_state_dict(final.to_torch_state_dict())
 
     def say(message: str) -> None:
         log(INFO, "fedclinic: %s", message)
         recorder.note(message)
 
+    personalization = personalize_sites(grid, final, config, run_dir, last_round=last_round, say=say)
     found = post_training(model, test_set, config, run_dir, device=device, say=say)
     recorder.finish(
         model,
@@ -104,5 +107,6 @@ def main(grid: Grid, context: Context) -> None:
         stop_reason=strategy.stop_reason,
         central_epsilon=strategy.central_epsilon(),
         post_training=found,
+        personalization=personalization,
     )
     log(INFO, "fedclinic: run written to %s", run_dir)
