@@ -20,12 +20,12 @@ its data in all; and is scored with `evaluate` on the server's test set
   (make_plan) to the run's target (epsilon, delta) for the union's size,
   batch size and epochs, also when the run fixes privacy.noise-multiplier.
 - silo: each site alone on its own training split at its own budget
-  (privacy.budget), with the sigma of its federated ledger plan (planned for
-  the rounds and the fine-tuning after them, personalize.epochs, which silo
-  does not train) and its hard stop (a fixed sigma trains only the rounds the
-  budget allows), scored on the server's test set and on the site's own
-  validation split, where the federation's sites score their global and
-  personalised models too.
+  (privacy.budget), with the sigma its federated ledger plan has for the
+  rounds alone (a site alone has no global model to fine-tune, so, like the
+  pooled model, it spends its whole budget on its rounds) and its hard stop
+  (a fixed sigma trains only the rounds the budget allows), scored on the
+  server's test set and on the site's own validation split, where the
+  federation's sites score their global and personalised models too.
 
 Under privacy.mode=central there is no record-level epsilon: pooled and silo
 train without DP, and `note` says so. Seeds: site k trains round r with the seed of
@@ -151,11 +151,11 @@ def silo(config: Config, splits: list[tuple[ImageSet, ImageSet]], test_set: Imag
          say: Callable[[str], None]) -> dict:
     """Each site alone on its own training split, at its own budget; scored on the test set and its own val split."""
     t, p, rounds = config.training, config.privacy, config.federation.rounds
-    # the sites' ledger plans: sigma for each one's budget, and how many rounds that budget allows
+    # the sites' ledger plans: sigma for each one's budget, and how many rounds that budget allows; a site alone
+    # has no global model to fine-tune, so its whole budget goes to its rounds, as the pooled model's does
     plans = plan_sites([len(train) for train, _ in splits], batch_size=t.batch_size, local_epochs=t.local_epochs,
                        rounds=rounds, target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
-                       noise_multiplier=p.noise_multiplier, budgets=p.budgets(),
-                       finetune_epochs=config.personalize.epochs) if p.local else None
+                       noise_multiplier=p.noise_multiplier, budgets=p.budgets(), finetune_epochs=0) if p.local else None
     privacy = p if p.local else dataclasses.replace(p, mode="off")
     sites = []
     for k, (train, val) in enumerate(splits):
