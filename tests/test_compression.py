@@ -114,10 +114,10 @@ def test_int8_predicts_like_the_float_model_and_stores_its_weights_in_a_quarter_
     assert agreement >= 0.9
     assert abs(int8["accuracy"] - reference["accuracy"]) <= 0.03
     assert abs(int8["iou"] - reference["iou"]) <= 0.03
-    # int8 weights are a quarter of float32; for this 6.8k-parameter model the graph around them
-    # (names, scales, float GroupNorm) is most of either file
+    # the trained weights in a quarter of the bytes; the scattering's fixed filters stay float32, and for this
+    # 6.8k-parameter model they and the graph around the weights (names, scales) are most of either file
     assert weight_bytes(files["int8_path"]) == pytest.approx(weight_bytes(files["float_path"]) / 4, rel=0.01)
-    assert files["int8_bytes"] < 0.75 * files["float_bytes"]
+    assert files["int8_bytes"] < files["float_bytes"]
 
 
 def test_compare_reports_before_and_after_as_ratios(model, server, files):
