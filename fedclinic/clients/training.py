@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +52,27 @@ class LocalResult:
     noise_multiplier: float  # sigma; 0 for plain SGD
     seconds: float  # wall time of the training loop
     num_examples: int
+
+
+_engines_made = 0
+
+
+def privacy_engine(accountant: str):
+    """Opacus's PrivacyEngine; its warning that the secure RNG is off shows for the process's first one only.
+
+    A site makes an engine every round, and every catch_warnings block (ours, Opacus's) resets
+    Python's once-per-line registry, so the warning would otherwise repeat round after round.
+    """
+    global _engines_made
+    # imported here: the non-private baseline runs with no Opacus at all
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        if _engines_made:
+            warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=accountant)
+    _engines_made += 1
+    return engine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,10 +225,7 @@ def train_locally(
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=training.momentum)
     q = 1.0
     if privacy.local:
-        # imported here: the non-private baseline runs with no Opacus at all
-        from opacus import PrivacyEngine
-
-        engine = PrivacyEngine(accountant=privacy.accountant)
+        engine = privacy_engine(privacy.accountant)
         model, optimizer, loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -235,7 +254,12 @@ def train_locally(
             optimizer.zero_grad(set_to_none=True)
             logits, pred_boxes = model(x)
             loss, _ = multitask_loss(logits, pred_boxes, labels, boxes, box_weight=box_weight)
-            loss.backward()
+            with warnings.catch_warnings():
+                # the first trainable layer reads the fixed scattering's output, which needs no
+                # gradient; torch warns that its hook then sees no input gradient, which Opacus
+                # never reads (per-sample gradients come from the layer's output gradient)
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                loss.backward()
             if privacy.local and views > 1:
                 average_views(params, records=records, views=views)
             if proximal_mu:

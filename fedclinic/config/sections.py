@@ -90,7 +90,7 @@ class TrainingConfig:
     learning_rate: float = 3.0
     # learning rate of the non-private baseline (privacy.mode=off or central), whose batch
     # gradient is clipped at privacy.max-grad-norm; at the DP rate it diverges
-    baseline_learning_rate: float = 0.1
+    baseline_learning_rate: float = 0.3
     # SGD momentum (ignored by adam)
     momentum: float = 0.9
     # auto (a GPU when one is present, else the CPU), cpu, or cuda
