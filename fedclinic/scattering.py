@@ -76,7 +76,11 @@ def _low_pass_each(maps: Tensor, phi: Tensor, *, stride: int) -> Tensor:
 def _modulus(z: Tensor) -> Tensor:
     """|real + i imaginary| of (real, imaginary) channel pairs: N x 2K x H x W -> N x K x H x W."""
     n, c, h, w = z.shape
-    return z.view(n, c // 2, 2, h, w).square().sum(dim=2).sqrt()
+    power = z.view(n, c // 2, 2, h, w).square().sum(dim=2)
+    # sqrt's gradient is infinite at 0 (a flat background): there the modulus gets gradient 0,
+    # as in kymatio's Modulus, and attacks and explanations get no NaN; the values are sqrt's own
+    zero = power == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, power).sqrt())
 
 
 class Scattering(nn.Module):

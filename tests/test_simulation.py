@@ -104,7 +104,8 @@ def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path, setting
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_process_the_run_started(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
+def test_ctrl_c_or_kill_stops_every_process_the_run_started(tmp_path, stop):
     proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", "simulate", "--sites", "2", "--rounds", "3",
                              "--out", str(tmp_path), "--name", "stopme", *SMALL],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -115,7 +116,7 @@ def test_ctrl_c_stops_every_process_the_run_started(tmp_path):
             time.sleep(0.5)
         assert processes_started_for(run), "the SuperLink never started"
         time.sleep(5)  # let the ServerApp and the simulation engine come up
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130
         assert "interrupted" in err

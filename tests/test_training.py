@@ -179,6 +179,42 @@ def test_a_records_augmented_views_give_one_gradient_the_mean_of_theirs_before_c
             torch.testing.assert_close(p.grad_sample[i], reference.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_under_dp_opacus_clips_one_gradient_per_record_however_many_views_it_was_seen_through(tmp_path, monkeypatch):
+    # Prepare: a DP round with 3 views per record; spies on how many records each batch holds
+    # (as the augmentation receives them) and how many gradients Opacus's optimizer clips
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    import fedclinic.clients.training as training
+
+    records, clipped, norms = [], [], []
+    views = training.scanner_views
+
+    def spy_views(x, **kwargs):
+        records.append(len(x))
+        return views(x, **kwargs)
+
+    clip = DPOptimizer.clip_and_accumulate
+
+    def spy_clip(self):
+        clipped.append(self.params[0].grad_sample.shape[0])
+        per_example = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in self.params], dim=1).norm(dim=1)
+        factors = (self.max_grad_norm / (per_example + 1e-6)).clamp(max=1.0)
+        norms.append((per_example * factors).max().item() if len(per_example) else 0.0)
+        return clip(self)
+
+    monkeypatch.setattr(training, "scanner_views", spy_views)
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy_clip)
+    config = load_config(None, SMALL + ["training.augment-views=3"])
+    site = Site(index=0, count=2, state_dir=tmp_path)
+    # Execute
+    _, metrics, _ = train_round(config, site, initial_state(config, site), server_round=1)
+    # Assert: every optimizer step clipped exactly one gradient per sampled record, each at most
+    # the clipping norm: the views cost no privacy
+    assert metrics["steps"] == len(clipped) == len(records) > 0
+    assert clipped == records
+    assert max(norms) <= config.privacy.max_grad_norm + 1e-5
+
+
 def test_scanner_views_change_intensities_only_and_come_record_by_record():
     from fedclinic.data.augment import scanner_views
 

@@ -22,7 +22,9 @@ simulate and sweep share.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from fedclinic.cli.baselines import baselines, baselines_parser
 from fedclinic.cli.certs import certs, certs_parser
@@ -34,7 +36,13 @@ from fedclinic.config import ConfigError
 from fedclinic.data import DataError
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # `kill PID` stops what the command started, as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     parser = argparse.ArgumentParser(prog="fedclinic", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     simulate_parser(sub)
