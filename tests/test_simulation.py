@@ -115,10 +115,13 @@ def test_ctrl_c_or_kill_stops_every_process_the_run_started(tmp_path, stop):
         while not processes_started_for(run) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert processes_started_for(run), "the SuperLink never started"
-        time.sleep(5)  # let the ServerApp and the simulation engine come up
+        progress = run / "progress.jsonl"  # its first line: the ServerApp has scored the initial model
+        while not (progress.exists() and progress.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert progress.exists(), "the run never started"
         proc.send_signal(stop)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out + err
         assert "interrupted" in err
         assert processes_started_for(run) == []
     finally:
