@@ -106,9 +106,12 @@ def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path, setting
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_ctrl_c_or_kill_stops_every_process_the_run_started(tmp_path, stop):
+    # Ctrl-C's default action, also when this test runs in a background job (whose shell ignores SIGINT,
+    # and a process that starts with SIGINT ignored never turns it into KeyboardInterrupt)
     proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", "simulate", "--sites", "2", "--rounds", "3",
                              "--out", str(tmp_path), "--name", "stopme", *SMALL],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         run = tmp_path / "stopme"
         deadline = time.monotonic() + 120
