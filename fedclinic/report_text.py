@@ -18,6 +18,11 @@ def format_metric(value, spec: str = ".3f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
 
 
+def format_ratio(ratio: float, more: str, less: str, sign: str = "×") -> str:
+    """2.00× smaller; a ratio below 1 the other way round: 0.62 -> 1.61× larger."""
+    return f"{ratio:.2f}{sign} {more}" if ratio >= 1 else f"{1 / ratio:.2f}{sign} {less}"
+
+
 def format_table(results: dict) -> str:
     """The short table `fedclinic simulate` ends with: record-level eps is the largest any site spent."""
     central = results["privacy"]["central"] is not None
@@ -110,11 +115,11 @@ def _compression_section(comp: dict) -> list[str]:
         "| | global_model.pt | int8 ONNX | ratio |",
         "| --- | ---: | ---: | ---: |",
         f"| size on disk | {before['bytes'] / 1024:.1f} KB | {after['bytes'] / 1024:.1f} KB | "
-        f"{comp['size_ratio']:.2f}× smaller |",
+        f"{format_ratio(comp['size_ratio'], 'smaller', 'larger')} |",
         f"| ms per image, batch 1 | {before['ms_per_image_b1']:.3f} | {after['ms_per_image_b1']:.3f} | "
-        f"{comp['speedup_b1']:.2f}× faster |",
+        f"{format_ratio(comp['speedup_b1'], 'faster', 'slower')} |",
         f"| ms per image, batch 64 | {before['ms_per_image_b64']:.3f} | {after['ms_per_image_b64']:.3f} | "
-        f"{comp['speedup_b64']:.2f}× faster |",
+        f"{format_ratio(comp['speedup_b64'], 'faster', 'slower')} |",
         f"| accuracy | {format_metric(before['accuracy'])} | {format_metric(after['accuracy'])} | "
         f"{format_metric(comp['accuracy_change'] * 100, '+.1f')} points |",
         f"| IoU | {format_metric(before['iou'])} | {format_metric(after['iou'])} | {format_metric(comp['iou_change'], '+.3f')} |",

@@ -213,3 +213,12 @@ def test_fedclinic_evaluate_scores_the_int8_file_clean_and_through_a_transfer_at
     assert [a["eps"] for a in found["attacks"]] == [0, pytest.approx(8 / 255)]
     assert found["attacks"][0]["robust_accuracy"] == pytest.approx(found["clean_accuracy"])
     assert found["attacks"][1]["robust_accuracy"] < found["clean_accuracy"] - 0.05
+
+
+def test_the_report_says_larger_or_slower_when_the_int8_model_is():
+    from fedclinic.report_text import format_ratio
+
+    # the 6.8k-weight default model's int8 file carries more graph and scales than weights
+    assert format_ratio(31825 / 50309, "smaller", "larger") == "1.58× larger"
+    assert format_ratio(3.1, "smaller", "larger") == "3.10× smaller"
+    assert format_ratio(0.5, "faster", "slower", "x") == "2.00x slower"

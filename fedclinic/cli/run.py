@@ -79,7 +79,10 @@ def post_training_summary(results: dict) -> list[str]:
                      f"{r['robust_accuracy']:.3f} at eps {r['headline_eps'] * 255:.0f}/255")
     if results.get("compression"):
         c = results["compression"]
-        lines.append(f"int8 model: {c['size_ratio']:.2f}x smaller, {c['speedup_b64']:.2f}x faster at batch 64, "
+        from fedclinic.report_text import format_ratio
+
+        lines.append(f"int8 model: {format_ratio(c['size_ratio'], 'smaller', 'larger', 'x')}, "
+                     f"{format_ratio(c['speedup_b64'], 'faster', 'slower', 'x')} at batch 64, "
                      f"accuracy {c['accuracy_change'] * 100:+.1f} points ({c['files']['int8_path']})")
     if results.get("explanations"):
         ig = results["explanations"]["integrated_gradients"]
