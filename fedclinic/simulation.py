@@ -6,7 +6,7 @@ app with `flwr run` (exactly what a user would type), follows the run's
 progress file, asks the SuperLink how the run ended, and stops every process
 it started, also on error or Ctrl-C.
 
-On an existing Ray cluster: start the run with RAY_ADDRESS set (README,
+On an existing Ray cluster: start the run with RAY_ADDRESS set (docs/deployment.md,
 "Bigger than one machine"); Flower's Ray backend then joins that cluster
 instead of starting its own, and stopping the run leaves the cluster up.
 """

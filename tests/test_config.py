@@ -146,7 +146,3 @@ def test_defaults_are_the_documented_default_run():
     assert (config.federation.sites, config.privacy.mode) == (5, "local")
     assert (config.privacy.target_epsilon, config.privacy.delta) == (8.0, 1e-5)
 
-
-def test_every_key_is_documented_in_the_readme():
-    readme = (ROOT / "README.md").read_text()
-    assert [key for key in DEFAULTS if f"`{key}`" not in readme] == []

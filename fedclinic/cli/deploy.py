@@ -23,7 +23,7 @@ def demo_parser(sub) -> None:
         description="Start a SuperLink and one SuperNode per site on loopback with TLS and SuperNode authentication, "
         "each site with its own data file and ledger, run fedclinic on them with `flwr run`, print the same table "
         "as simulate and stop every process it started. The commands it runs are written to "
-        "<run>/deployment/commands.txt; they are the README's 'Run across machines' sequence.",
+        "<run>/deployment/commands.txt; they are the 'Run across machines' sequence of docs/deployment.md.",
     )
     add_run_options(p, name_help="name of the run directory (output.name, default demo-<time>)")
     p.add_argument("--insecure", action="store_true",

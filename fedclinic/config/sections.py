@@ -4,7 +4,8 @@
     PrivacyConfig(target_epsilon=3)       # ConfigError names a bad value in one sentence
 
 fedclinic/config/__init__.py assembles them into `Config` and reads TOML
-files and --set overrides; the field comments here are the README's keys table.
+files and --set overrides; the field comments here are docs/configuration.md's key table
+(written by fedclinic/config/keys.py).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     with LocalDeployment(run_dir, config) as fed:   # certificates, site files, SuperLink, SuperNodes
         fed.run(on_progress=print)                   # flwr run, followed to the end
 
-Everything is Flower's own commands, the same ones the README's "Run across
-machines" section gives for separate machines: `flower-superlink` with TLS
+Everything is Flower's own commands, the same ones docs/deployment.md's "Run
+across machines" gives for separate machines: `flower-superlink` with TLS
 and SuperNode authentication, `flwr supernode register` for each site's
 public key, one `flower-supernode` per site with its own data file and state
 directory, and `flwr run`. Each command is written to
@@ -86,7 +86,7 @@ class LocalDeployment:
         self.site_files: list[Path] = []
         self.test_file: Path | None = None
 
-    # -- the commands, as the README gives them ----------------------------------------------------
+    # -- the commands, as docs/deployment.md gives them --------------------------------------------
 
     def superlink_args(self) -> list[str]:
         security = (["--insecure"] if self.insecure else
