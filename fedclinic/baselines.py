@@ -49,13 +49,14 @@ import torch
 from torch import nn
 
 from fedclinic.clients.site import training_seed
-from fedclinic.clients.training import resolve_device, round_lr_scale, train_locally
+from fedclinic.clients.training import round_lr_scale, train_locally
 from fedclinic.config import Config, PrivacyConfig
 from fedclinic.data import ImageSet, server_test_set, site_data
+from fedclinic.device import resolve_device
 from fedclinic.evaluation import evaluate
+from fedclinic.model import build_model, initial_model
 from fedclinic.privacy.accounting import epsilon, plan_sites
 from fedclinic.privacy.ledger import make_plan
-from fedclinic.model import build_model, initial_model
 from fedclinic.report_text import format_metric
 
 SUMMARIZED = ("accuracy", "f1", "iou")

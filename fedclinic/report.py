@@ -4,7 +4,7 @@ runs/<name>/
   config.toml      the resolved configuration (load it back with --config)
   progress.jsonl   one line per round as it happens (what `fedclinic simulate` shows)
   metrics.csv      a row per round and site, plus a `central` row per round
-  results.json     the summary; keys documented in README.md ("What a run leaves behind")
+  results.json     the summary; keys documented in docs/outputs.md
   global_model.pt  the final global model: fedclinic.load_model(path)
   *.png            plots
   report.md        what happened, in plain words
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fedclinic import __version__
-from fedclinic.config import Config
+from fedclinic.config import Config, ConfigError
 from fedclinic.model import save_model
 from fedclinic.plots import plot_central, plot_epsilon
 from fedclinic.report_text import format_metric, format_table, write_reports  # noqa: F401 (format_table: for the CLI)
@@ -29,6 +29,11 @@ def run_directory(config: Config) -> Path:
     """runs/<name>/, created; the name is a timestamp unless output.name is set."""
     name = config.output.name or time.strftime("%Y%m%d-%H%M%S")
     path = Path(config.output.dir) / name
+    # the first part of the path that exists and is not a directory, if any, is named in one sentence
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"the run directory {path} cannot be made: {blocked} is a file, not a directory "
+                          "(choose another --out or --name)")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

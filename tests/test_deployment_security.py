@@ -184,7 +184,9 @@ def test_plaintext_supernode_gets_no_answer_from_the_tls_superlink(intrusions):
     attempt = intrusions.attempts["no TLS"]
     # Assert
     assert attempt.exit_code not in (None, 0), f"still running or exited 0 after {attempt.seconds:.0f} s"
-    assert "Server disconnected without sending a response." in attempt.log, attempt.log
+    # the TLS SuperLink drops the plaintext HTTP/2 connection: httpx words it either way, depending on timing
+    assert any(dropped in attempt.log for dropped in ("Server disconnected without sending a response.",
+                                                      "Connection reset by peer")), attempt.log
     assert "Giving up reconnection" in attempt.log
     assert NO_CONNECTION in attempt.log
     assert intrusions.online == 1

@@ -103,6 +103,16 @@ def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path, setting
     assert list(tmp_path.iterdir()) == []  # no run directory was started
 
 
+def test_an_out_folder_that_is_a_file_is_refused_in_one_sentence(tmp_path):
+    taken = tmp_path / "results.txt"
+    taken.write_text("a user's file")
+    proc = simulate("--out", str(taken), "--name", "run", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0  # one sentence, no traceback
+    assert f"{taken} is a file, not a directory" in proc.stderr
+    assert taken.read_text() == "a user's file"  # nothing of the user's lost
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
 def test_ctrl_c_or_kill_stops_every_process_the_run_started(tmp_path, stop):
@@ -159,6 +169,10 @@ def test_a_users_npz_without_boxes_is_split_among_sites_and_iou_is_not_applicabl
     assert sum(s["n"] for s in results["sites"]) == 540  # 600 train images, 10% kept for validation
     assert "n/a" in (tmp_path / "npz" / "report.md").read_text()
     assert fedclinic.load_model(tmp_path / "npz" / "global_model.pt").arch["in_channels"] == 3
+    # the last line names what the run left: compression was off, so no int8 model
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run directory:") and "global_model.pt" in last and "report.html" in last
+    assert "int8" not in last and not (tmp_path / "npz" / "global_model.int8.onnx").exists()
 
 
 def budget_plan(capsys, *args: str) -> list[dict]:

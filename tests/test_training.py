@@ -1,5 +1,6 @@
 """A site's round: local DP-SGD with Opacus, its ledger, and the plain baseline."""
 
+import subprocess
 import sys
 
 import pytest
@@ -53,17 +54,33 @@ def test_dp_training_changes_the_model_and_returns_plain_keys(tmp_path):
     assert any(not torch.equal(after[k], before[k]) for k in before)
 
 
-def test_the_non_private_baseline_uses_no_opacus_and_reports_no_epsilon():
+# run in a fresh interpreter: this test process has long imported Opacus (other tests, the ledger)
+OPACUS_LOADED_AFTER = """
+import sys
+from fedclinic.clients.training import train_locally
+from fedclinic.config import load_config
+from fedclinic.data import site_data
+from fedclinic.model import build_model
+config = load_config(None, {settings!r})
+train, _ = site_data(config.data, 0, 2)
+result = train_locally(build_model(config, train), train, training=config.training, privacy=config.privacy,
+                       box_weight=1.0, noise_multiplier=1.0, seed=0)
+print(result.noise_multiplier, result.sample_rate, "opacus" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("mode, loaded", [("off", "0.0 1.0 False"), ("local", "True")])
+def test_the_non_private_baseline_never_imports_opacus_and_dp_does(mode, loaded):
+    code = OPACUS_LOADED_AFTER.format(settings=SMALL + [f"privacy.mode={mode}"])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith(loaded)
+
+
+def test_the_non_private_baseline_reports_no_epsilon():
     config = load_config(None, SMALL + ["privacy.mode=off"])
     train, _ = site_data(config.data, 0, 2)
-    model = build_model(config, train)
-    already_loaded = "opacus.privacy_engine" in sys.modules
-    result = train_locally(model, train, training=config.training, privacy=config.privacy,
-                           box_weight=1.0, noise_multiplier=0.0, seed=0)
-    assert result.noise_multiplier == 0.0 and result.sample_rate == 1.0
-    if not already_loaded:
-        assert "opacus.privacy_engine" not in sys.modules
-    _, metrics, _ = train_round(config, Site(0, 2, None), model.state_dict(), server_round=1)
+    _, metrics, _ = train_round(config, Site(0, 2, None), build_model(config, train).state_dict(), server_round=1)
     assert metrics["epsilon"] == 0.0 and metrics["sigma"] == 0.0
 
 

@@ -65,7 +65,7 @@ def evaluate_parser(sub) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from fedclinic.clients.training import resolve_device
+    from fedclinic.device import resolve_device
     from fedclinic.evaluation.adversarial import check_attack, robust_evaluate
 
     eps = args.eps if args.eps is not None else DEFAULT_EPS[args.norm]

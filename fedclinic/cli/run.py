@@ -128,8 +128,17 @@ def print_results(results: dict, run_dir: Path) -> None:
         print(format_audit(results["audit"]))
     for line in post_training_summary(results):
         print(line)
-    print(f"run directory: {run_dir}  (report.html, report.md, results.json, metrics.csv, global_model.pt, "
-          "global_model.int8.onnx, plots)")
+    print(f"run directory: {run_dir}  ({', '.join(run_files(run_dir))})")
+
+
+# what a run directory holds, in the order the end-of-run line names it
+RUN_FILES = ("report.html", "report.md", "results.json", "metrics.csv", "global_model.pt", "global_model.int8.onnx")
+
+
+def run_files(run_dir: Path) -> list[str]:
+    """The files of RUN_FILES that the run left in `run_dir`, then "plots" if it left any .png."""
+    found = [name for name in RUN_FILES if (run_dir / name).is_file()]
+    return found + (["plots"] if any(run_dir.glob("*.png")) else [])
 
 
 def sweep_parser(sub) -> None:

@@ -28,9 +28,10 @@ import math
 from torch import nn
 
 from fedclinic.clients.site import Site, fingerprint, keep, plan_once, resend, training_seed
-from fedclinic.clients.training import resolve_device, round_lr_scale, train_locally
+from fedclinic.clients.training import round_lr_scale, train_locally
 from fedclinic.config import Config, check_site_size
 from fedclinic.data import ImageSet
+from fedclinic.device import resolve_device
 from fedclinic.evaluation import evaluate
 from fedclinic.model import build_model
 from fedclinic.privacy.accounting import steps_per_epoch

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from fedclinic.clients.training import resolve_device, round_lr_scale, train_locally
+from fedclinic.clients.training import round_lr_scale, train_locally
 from fedclinic.config import Config, check_site_size
 from fedclinic.data import ImageSet, load_site_file, site_data
+from fedclinic.device import resolve_device
 from fedclinic.evaluation import evaluate
 from fedclinic.model import build_model
 from fedclinic.privacy.ledger import ROUND, Ledger, Plan, make_plan

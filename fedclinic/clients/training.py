@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from fedclinic.config import PrivacyConfig, RobustnessConfig, TrainingConfig
 from fedclinic.data import ImageSet
 from fedclinic.data.augment import scanner_views
+from fedclinic.device import resolve_device
 from fedclinic.evaluation.adversarial import perturb
 from fedclinic.model import multitask_loss
 
@@ -73,13 +74,6 @@ def privacy_engine(accountant: str):
         engine = PrivacyEngine(accountant=accountant)
     _engines_made += 1
     return engine
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto picks a GPU when one is present."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def as_dataset(data: ImageSet) -> TensorDataset:

@@ -29,11 +29,11 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from fedclinic.clients.training import resolve_device
 from fedclinic.config import Config, load_config
 from fedclinic.data import ImageSet, site_data
 from fedclinic.data.partition import stream
 from fedclinic.data.synthetic import generate_fresh_site_scans
+from fedclinic.device import resolve_device
 from fedclinic.evaluation.metrics import batches, evaluating
 from fedclinic.model import MultiTaskNet, load_model, per_example_losses
 

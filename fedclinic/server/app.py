@@ -12,9 +12,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedclinic.clients.training import resolve_device
 from fedclinic.config import check_federation, check_sites, from_run_config
 from fedclinic.data import server_test_set, site_sizes
+from fedclinic.device import resolve_device
 from fedclinic.evaluation import evaluate
 from fedclinic.evaluation.adversarial import fgsm_check
 from fedclinic.model import initial_model
