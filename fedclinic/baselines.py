@@ -57,7 +57,7 @@ from fedclinic.evaluation import evaluate
 from fedclinic.model import build_model, initial_model
 from fedclinic.privacy.accounting import epsilon, plan_sites
 from fedclinic.privacy.ledger import make_plan
-from fedclinic.report_text import format_metric
+from fedclinic.report.text import format_metric
 
 SUMMARIZED = ("accuracy", "f1", "iou")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from fedclinic.config import Config, ConfigError, load_config, replace
-from fedclinic.simulation import SimulationError
+from fedclinic.runtime.simulation import SimulationError
 
 # robust_accuracy: accuracy under the configured attack at the largest robustness.eps (empty when it is off);
 # pooled_* and silo_*: the baselines at the point's privacy setting, on the server's test set (empty without
@@ -175,11 +175,12 @@ def describe(row: dict) -> str:
 
 
 def run_points(points: list[Point], *, run_point: Callable[[Config], dict], say: Callable[[str], None],
-               add_baselines: Callable[[Point], dict] | None = None) -> list[dict]:
+               add_baselines: Callable[[Point], dict] | None = None,
+               on_done: Callable[[int, int], None] = lambda done, total: None) -> list[dict]:
     """Run (or reuse) every point in order; `run_point(config)` runs one simulation and returns its results.
 
     With `add_baselines`, a point whose results have no baselines yet gets them: `add_baselines(point)` trains
-    them into its run directory and returns its results with them.
+    them into its run directory and returns its results with them. `on_done(done, total)` follows each point.
     """
     rows = []
     for i, point in enumerate(points, 1):
@@ -191,6 +192,7 @@ def run_points(points: list[Point], *, run_point: Callable[[Config], dict], say:
                 results = add_baselines(point)
             rows.append(point_row(point, results))
             say(f"{head}: reused the finished run in {point.run_dir}: {describe(rows[-1])}")
+            on_done(i, len(points))
             continue
         if point.run_dir.exists():
             say(f"{head}: {point.run_dir} holds an unfinished or differently configured run; starting it afresh")
@@ -204,6 +206,7 @@ def run_points(points: list[Point], *, run_point: Callable[[Config], dict], say:
             results = add_baselines(point)
         rows.append(point_row(point, results))
         say(f"{head}: done: {describe(rows[-1])}")
+        on_done(i, len(points))
     return rows
 
 
@@ -217,7 +220,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def write_sweep(rows: list[dict], sweep_dir: Path) -> list[Path]:
     """sweep.csv and the trade-off plots (IoU only when the data has boxes); returns the files written."""
-    from fedclinic.plots import plot_privacy_tradeoff
+    from fedclinic.report.plots import plot_privacy_tradeoff
 
     written = [sweep_dir / "sweep.csv"]
     write_csv(rows, written[0])

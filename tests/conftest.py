@@ -12,3 +12,26 @@ def flower_task():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield TaskIdentity
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory):
+    """One real `fedclinic simulate` with every step on (the rounds, the fine-tuning, the attacks, compression,
+    explanations and the membership audit), shared by the tests of what it leaves: (the command's
+    CompletedProcess, its run directory). Three sites, two DP rounds; label-alpha=100 (near iid) and three
+    local epochs, so two rounds learn; cheap attack and explanation settings."""
+    import subprocess
+    import sys
+
+    from fedclinic.runtime.processes import stop_processes, with_env
+
+    out = tmp_path_factory.mktemp("full-run")
+    settings = ["data.test-size=300", "data.label-alpha=100", "training.local-epochs=3", "robustness.max-images=120",
+                "robustness.steps=3", "explain.max-images=40", "robustness.round-check-eps=0.0078"]
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fedclinic.cli", "simulate", "--sites", "3", "--rounds", "2",
+                               "--out", str(out), "--name", "e2e", *[a for s in settings for a in ("--set", s)]],
+                              capture_output=True, text=True, timeout=900)
+        yield proc, out / "e2e"
+    finally:  # whatever the tests found, nothing of the run is left running
+        stop_processes(with_env(f"FLWR_HOME={out / 'e2e' / '.flwr'}"))

@@ -39,8 +39,8 @@ os.environ["MKL_NUM_THREADS"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from fedclinic.config import load_config  # noqa: E402
-from fedclinic.deployment.local import LocalDeployment  # noqa: E402
-from fedclinic.deployment.processes import Daemon, free_port  # noqa: E402
+from fedclinic.runtime.local import LocalDeployment  # noqa: E402
+from fedclinic.runtime.processes import Daemon, free_port  # noqa: E402
 
 MODES = ("netns", "loopback-addresses")
 PORT = 9092  # netns: the hub namespace is private to this run, so a fixed port cannot collide

@@ -15,7 +15,7 @@ from fedclinic.cli.evaluate import evaluate, evaluate_parser
 from fedclinic.config import ConfigError, DataConfig
 from fedclinic.data import CLASS_NAMES, DataError, server_test_set
 from fedclinic.evaluation import evaluate as clean_evaluate
-from fedclinic.evaluation.adversarial import fgsm_check, perturb, robust_evaluate
+from fedclinic.analysis.adversarial import fgsm_check, perturb, robust_evaluate
 from fedclinic.model import save_model
 from trained import quick_model
 

@@ -9,7 +9,7 @@ from opacus.grad_sample import GradSampleModule, wrap_model
 from fedclinic.clients.site import Site, build_model, train_round
 from fedclinic.clients.training import as_dataset, mix_adversarial, train_locally
 from fedclinic.config import RobustnessConfig, load_config
-from fedclinic.evaluation.adversarial import perturb
+from fedclinic.analysis.adversarial import perturb
 from fedclinic.model import multitask_loss
 from fedclinic.privacy.ledger import Ledger
 

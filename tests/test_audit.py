@@ -14,7 +14,7 @@ from fedclinic.data import CLASS_NAMES, site_data
 from fedclinic.data.synthetic import generate_fresh_site_scans
 from fedclinic.model import MultiTaskNet, multitask_loss, save_model
 from fedclinic.privacy.accounting import plan_site
-from fedclinic.privacy.audit import (
+from fedclinic.analysis.audit import (
     MIN_NONMEMBERS,
     AuditError,
     audit_model,

@@ -12,7 +12,7 @@ from cryptography import x509
 
 from fedclinic.cli.certs import certs, certs_parser
 from fedclinic.config import ConfigError
-from fedclinic.deployment.certs import make_ca, make_server_cert, make_supernode_keys, write_certs
+from fedclinic.runtime.certs import make_ca, make_server_cert, make_supernode_keys, write_certs
 
 HOSTS = ["localhost", "127.0.0.1", "superlink.hospital.org"]
 

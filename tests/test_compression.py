@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedclinic.compression import OnnxModel, compare, compress, prune_weights, zero_share
+from fedclinic.analysis.compression import OnnxModel, compare, compress, prune_weights, zero_share
 from fedclinic.config import DataConfig
 from fedclinic.data import CLASS_NAMES, ImageSet, server_test_set
 from fedclinic.evaluation import evaluate
@@ -216,7 +216,7 @@ def test_fedclinic_evaluate_scores_the_int8_file_clean_and_through_a_transfer_at
 
 
 def test_the_report_says_larger_or_slower_when_the_int8_model_is():
-    from fedclinic.report_text import format_ratio
+    from fedclinic.report.text import format_ratio
 
     # the 6.8k-weight default model's int8 file carries more graph and scales than weights
     assert format_ratio(31825 / 50309, "smaller", "larger") == "1.58× larger"

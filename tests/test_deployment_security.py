@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import pytest
 
 from fedclinic.config import load_config
-from fedclinic.deployment.certs import write_certs
-from fedclinic.deployment.local import LocalDeployment
-from fedclinic.deployment.processes import Daemon, free_port
-from fedclinic.deployment.runs import Connection
+from fedclinic.runtime.certs import write_certs
+from fedclinic.runtime.local import LocalDeployment
+from fedclinic.runtime.processes import Daemon, free_port
+from fedclinic.runtime.runs import Connection
 
 TINY = ["federation.sites=1", "data.site-size=60", "data.test-size=20"]
 # Flower's exit code for "the SuperNode could not establish a connection to the SuperLink"

@@ -12,7 +12,7 @@ from fedclinic.clients.site import build_model
 from fedclinic.clients.training import train_locally
 from fedclinic.config import load_config
 from fedclinic.data import ImageSet, server_test_set, site_data
-from fedclinic.evaluation.explain import (
+from fedclinic.analysis.explain import (
     attribution_maps,
     box_hits,
     box_masks,

@@ -1,20 +1,23 @@
 """The package's shape: imports point down the layers, the core never imports Flower, no module is huge."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fedclinic"
 
 # each part of fedclinic (a package or a top-level module) and its layer: a part may import only from lower
-# layers and from itself; the apps (clients/app.py, server/, strategies/) and the shells (cli/) sit on top
+# layers and from itself. The core (config .. evaluation) is Flower-free; analysis/, report/ and runtime/ work on
+# its results and on Flower's processes; the apps (clients/, strategies/, server/) and the shell (cli/) sit on top
 LAYERS = {
-    "config": 0, "scattering": 0, "device": 0,
-    "data": 1,
-    "model": 2, "plots": 2,
+    "config": 0, "scattering": 0, "device": 0, "atomic": 0,
+    "data": 1, "privacy": 1,
+    "model": 2,
     "evaluation": 3,
-    "privacy": 4, "compression": 4, "report_text": 4,
-    "clients": 5, "report": 5, "strategies": 5, "deployment": 5,
-    "baselines": 6, "simulation": 6,
+    "analysis": 4, "report": 4, "runtime": 4,
+    "clients": 5, "strategies": 5,
+    "baselines": 6,
     "server": 7, "sweep": 7,
     "cli": 8,
     "__init__": 9,
@@ -74,3 +77,12 @@ def test_only_the_flower_apps_import_flower():
 def test_no_module_is_over_400_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_importing_the_plots_leaves_the_users_matplotlib_backend_alone():
+    # a notebook's backend, then every module that draws
+    code = ("import matplotlib; matplotlib.use('svg'); import fedclinic.report.plots, fedclinic.analysis.explain, "
+            "fedclinic.analysis.audit, fedclinic.cli.run; print(matplotlib.get_backend())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "svg"

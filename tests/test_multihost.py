@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.deployment.processes import stop_processes, with_env
+from fedclinic.runtime.processes import stop_processes, with_env
 
 HELPER = Path(__file__).with_name("multihost_federation.py")
 MARKER = "FEDCLINIC_MULTIHOST_RUN"  # in the environment of every process of one run, namespace holders included

@@ -17,11 +17,10 @@ from fedclinic.model import MultiTaskNet, build_model
 from fedclinic.privacy.accounting import calibrate_noise, plan_sites, steps_per_epoch
 from fedclinic.privacy.ledger import Ledger
 from fedclinic.report import json_safe
-from fedclinic.report_text import render_report
+from fedclinic.report.text import render_report
 from fedclinic.server.personalization import personalization_section, personalize_sites, site_row
 from test_baselines import dp_accounting_epsilon
 from test_client_app import deployed, message, site_file
-from test_simulation import processes_started_for, simulate
 
 # 2 sites of ~180 training images, 2 rounds of 1 local epoch, then 1 epoch of fine-tuning: seconds in all
 TINY = ["data.site-size=200", "training.batch-size=32", "federation.sites=2", "federation.rounds=2",
@@ -255,39 +254,28 @@ def test_the_summary_compares_the_sites_that_fine_tuned_and_the_report_shows_it_
 # --- end to end, through Flower's simulation runtime ----------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_simulated_run_personalises_every_site_and_reports_it(tmp_path, capsys):
-    # Prepare
+def test_a_simulated_run_personalises_every_site_and_reports_it(full_run, capsys):
+    # Execute (fixture): a real simulation, 3 sites, 2 rounds, fine-tuning on by default
     from fedclinic.cli import main
-    from fedclinic.deployment.processes import stop_processes, with_env
 
-    run = tmp_path / "personal"
-    marker = f"FLWR_HOME={run / '.flwr'}"
-    try:
-        # Execute
-        proc = simulate("--sites", "3", "--rounds", "2", "--out", str(tmp_path), "--name", "personal",
-                        "--set", "data.site-size=300", "--set", "data.test-size=300", "--set", "privacy.audit=false",
-                        "--set", "robustness.enabled=false", "--set", "compression.enabled=false",
-                        "--set", "explain.enabled=false")
-        # Assert
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        found = json.loads((run / "results.json").read_text())["personalization"]
-        data = load_config(None, ["data.site-size=300", "data.test-size=300"]).data
-        assert found["epochs"] == 1 and found["compared"] == 3
-        assert [s["site"] for s in found["sites"]] == [0, 1, 2]
-        for s in found["sites"]:
-            assert s["n"] == len(site_data(data, s["site"], 3)[1])  # the site's own validation split
-            assert not s["declined"] and 0 <= s["personalized"]["accuracy"] <= 1
-            # planned from round 1 for the rounds and the fine-tuning: the whole budget, never more
-            assert s["epsilon"] == pytest.approx(8.0, rel=0.01) and s["epsilon"] <= 8.0
-        assert set(found["global"]) == set(found["personalized"]) == {"mean", "worst", "best", "worst_site",
-                                                                      "best_site"}
-        assert main(["ledger", "show", str(run / "sites" / "site-1"), "--json"]) == 0
-        ledger = json.loads(capsys.readouterr().out)
-        assert [(r["round"], r["kind"]) for r in ledger["rounds"]] == [(1, "round"), (2, "round"), (3, "fine-tuning")]
-        report = (run / "report.md").read_text()
-        assert "## Personalised on each site's own data" in report and "| **worst** |" in report
-        assert found["guarantee"] in report and found["release"] in report
-        assert "personalised on own validation splits: mean accuracy" in proc.stdout
-        assert processes_started_for(run) == []
-    finally:  # a failed assertion above leaves nothing running either
-        stop_processes(with_env(marker))
+    proc, run = full_run
+    # Assert
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = json.loads((run / "results.json").read_text())["personalization"]
+    data = load_config(run / "config.toml").data
+    assert found["epochs"] == 1 and found["compared"] == 3
+    assert [s["site"] for s in found["sites"]] == [0, 1, 2]
+    for s in found["sites"]:
+        assert s["n"] == len(site_data(data, s["site"], 3)[1])  # the site's own validation split
+        assert not s["declined"] and 0 <= s["personalized"]["accuracy"] <= 1
+        # planned from round 1 for the rounds and the fine-tuning: the whole budget, never more
+        assert s["epsilon"] == pytest.approx(8.0, rel=0.01) and s["epsilon"] <= 8.0
+    assert set(found["global"]) == set(found["personalized"]) == {"mean", "worst", "best", "worst_site",
+                                                                  "best_site"}
+    assert main(["ledger", "show", str(run / "sites" / "site-1"), "--json"]) == 0
+    ledger = json.loads(capsys.readouterr().out)
+    assert [(r["round"], r["kind"]) for r in ledger["rounds"]] == [(1, "round"), (2, "round"), (3, "fine-tuning")]
+    report = (run / "report.md").read_text()
+    assert "## Personalised on each site's own data" in report and "| **worst** |" in report
+    assert found["guarantee"] in report and found["release"] in report
+    assert "personalised on own validation splits: mean accuracy" in proc.stdout

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.deployment.processes import descendants, free_port, stop_processes, with_env
+from fedclinic.runtime.processes import descendants, free_port, stop_processes, with_env
 
 TINY = ["data.site-size=150", "data.test-size=60", "training.batch-size=32", "robustness.enabled=false",
         "compression.enabled=false", "explain.enabled=false", "privacy.audit=false"]

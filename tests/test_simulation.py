@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,17 +14,13 @@ import pytest
 import torch
 
 import fedclinic
+from fedclinic.runtime.processes import stop_processes, with_env
+from fedclinic.privacy.ledger import Ledger
+from test_deployment import command_of
 
-# the steps after training (attack, compress, explain) are tested on their own and in one run below
+# the steps after training (attack, compress, explain) are tested on their own and in one run (full_run)
 NO_POST = ["--set", "robustness.enabled=false", "--set", "compression.enabled=false", "--set", "explain.enabled=false"]
 SMALL = ["--set", "data.site-size=300", "--set", "data.test-size=300", *NO_POST]
-# cheap settings for the one end-to-end run that attacks, compresses and explains
-SMALL_POST = ["--set", "robustness.max-images=120", "--set", "robustness.steps=3", "--set", "explain.max-images=40",
-              "--set", "robustness.round-check-eps=0.0078"]
-# two DP rounds learn only when the sites' labels are not skewed (label-alpha=100: near iid)
-LEARNS_IN_TWO_ROUNDS = ["--set", "data.test-size=300", "--set", "data.label-alpha=100",
-                        "--set", "training.local-epochs=3"]
-
 
 def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedclinic.cli", "simulate", *args],
@@ -46,13 +43,11 @@ def processes_started_for(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows(tmp_path):
-    # Execute
-    proc = simulate("--sites", "3", "--rounds", "2", "--out", str(tmp_path), "--name", "e2e", *LEARNS_IN_TWO_ROUNDS,
-                    *SMALL_POST)
+def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows(full_run):
+    # Execute (fixture): 3 sites, 2 rounds, every step after training on
+    proc, run = full_run
     # Assert
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    run = tmp_path / "e2e"
     results = json.loads((run / "results.json").read_text())
     assert results["final"]["accuracy"] > 0.45  # three balanced classes: chance is 1/3
     assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
@@ -224,13 +219,32 @@ def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_h
     assert "site 1 declines the fine-tuning" in report
 
 
+def kill_the_server(args: list[str], run: Path, *, when) -> tuple[int, str]:
+    """`fedclinic ARGS` writing to `run`, its server process (flwr-simulation runs the ServerApp) killed
+    as soon as `when()` holds; (exit status, stderr) of the command."""
+    proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    marker = f"FLWR_HOME={run / '.flwr'}"
+    try:
+        deadline = time.monotonic() + 300
+        while not when() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        server = [pid for pid in with_env(marker) if "flwr-simulation" in command_of(pid)]
+        assert when() and len(server) == 1
+        os.kill(server[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
 @pytest.mark.slow
 def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model_of_an_uninterrupted_run(tmp_path):
     # Prepare: the same small FedAdam federation twice; the second one's server process (flwr-simulation runs
-    # the ServerApp) is killed as soon as round 1 is checkpointed, and the run is resumed
-    from fedclinic.deployment.processes import stop_processes, with_env
+    # the ServerApp) is killed as soon as round 1 is checkpointed, and the run is resumed with
+    # `simulate --resume`, which must end with the same number of rounds, each recorded and spent once
     from fedclinic.server.checkpoint import CheckpointError, load_checkpoint
-    from test_deployment import kill_the_server
 
     fedadam = ["--sites", "3", "--rounds", "3", "--out", str(tmp_path), *SMALL, "--set", "privacy.audit=false",
                "--set", "federation.strategy=fedadam", "--set", "federation.server-learning-rate=0.01"]
@@ -248,6 +262,7 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
         assert whole.returncode == 0, whole.stdout + whole.stderr
         returncode, err = kill_the_server(["simulate", *fedadam, "--name", "killed"], run,
                                           when=lambda: checkpointed() >= 1)
+        # the killed run is reported as a failure, with the reason, and leaves its checkpoint
         assert returncode == 2 and "fedclinic: error:" in err
         assert checkpointed() == 1 and not (run / "results.json").exists()
         # Execute
@@ -259,6 +274,14 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
         results = json.loads((run / "results.json").read_text())
         assert [r["round"] for r in results["rounds"]] == [0, 1, 2, 3]
+        assert [r["sites_trained"] for r in results["rounds"][1:]] == [3, 3, 3]
+        assert re.search(r"^\s+3\s", resumed.stdout, re.M)  # the table's last round
+        # each site's ledger has one entry per round: a site asked again for a round it had trained from the
+        # same model resends that update (no second spend); then the fine-tuning the resumed server asked for
+        for k in range(3):
+            ledger = Ledger.open(run / "sites" / f"site-{k}", site=k)
+            assert [(e.round, e.kind) for e in ledger.entries] == [(1, "round"), (2, "round"), (3, "round"),
+                                                                   (4, "fine-tuning")]
         assert results["config"]["federation.strategy"] == "fedadam"
         assert results["config"]["federation.server-learning-rate"] == 0.01
         assert all(with_env(marker) == set() for marker in markers)

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     certs_parser(sub)
     demo_parser(sub)
     args = parser.parse_args(argv)
-    from fedclinic.privacy.audit import AuditError
+    from fedclinic.analysis.audit import AuditError
     from fedclinic.privacy.ledger import LedgerError
-    from fedclinic.deployment.processes import FlowerError
+    from fedclinic.runtime.processes import FlowerError
     from fedclinic.server.checkpoint import CheckpointError
 
     try:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
+from fedclinic.atomic import atomic_file
 from fedclinic.cli.options import add_run_options, check_config, progress_printer, refuse_changes, resolve
 from fedclinic.config import Config, ConfigError, load_config, replace
 
@@ -41,7 +41,7 @@ def baselines_parser(sub) -> None:
 
 def baselines(args: argparse.Namespace) -> int:
     from fedclinic.report import run_directory
-    from fedclinic.report_text import format_comparison
+    from fedclinic.report.text import format_comparison
 
     if args.run_dir:
         run_dir = Path(args.run_dir).resolve()
@@ -94,8 +94,8 @@ def baselines_into_run(run_dir: Path, config: Config, say: Callable[[str], None]
     report (a report of the baselines alone when the directory holds no federation); returns the results."""
     from fedclinic import __version__
     from fedclinic.baselines import run_baselines
-    from fedclinic.report import json_safe
-    from fedclinic.report_text import write_reports
+    from fedclinic.report import json_safe, write_results
+    from fedclinic.report.text import write_reports
 
     found = json_safe(run_baselines(config, say, non_private=non_private))
     write_json(run_dir / "baselines.json", {"fedclinic_version": __version__, "run": run_dir.name,
@@ -106,16 +106,12 @@ def baselines_into_run(run_dir: Path, config: Config, say: Callable[[str], None]
         write_reports({"run": run_dir.name, "baselines": section}, run_dir)
         return {"run": run_dir.name, "baselines": section}
     results["baselines"] = section
-    write_json(run_dir / "results.json", results)
+    write_results(run_dir, results)
     write_reports(results, run_dir)
     return results
 
 
 def write_json(path: Path, value: dict) -> None:
-    """Written beside and moved over `path`: an interrupted write leaves the old file whole."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(json.dumps(value, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`value` as JSON in `path`, atomically: an interrupted write leaves the old file whole."""
+    with atomic_file(path, "w") as f:
+        json.dump(value, f, indent=2)

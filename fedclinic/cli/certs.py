@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from fedclinic.config import ConfigError
-from fedclinic.deployment.certs import DEFAULT_HOSTS, superlink_hosts, write_certs
+from fedclinic.runtime.certs import DEFAULT_HOSTS, superlink_hosts, write_certs
 
 
 def certs_parser(sub) -> None:

@@ -7,11 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from fedclinic.cli.options import add_run_options, check_config, describe_privacy, progress_printer, resolve
+from fedclinic.cli.options import (add_run_options, check_config, describe_privacy, progress_printer, resolve,
+                                   show_row)
 from fedclinic.cli.privacy import audit_into_run
 from fedclinic.cli.run import print_results
 
@@ -31,8 +31,8 @@ def demo_parser(sub) -> None:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from fedclinic.deployment.local import LocalDeployment
-    from fedclinic.report import format_progress, run_directory
+    from fedclinic.runtime.local import LocalDeployment
+    from fedclinic.report import run_directory, with_wall_time
 
     config = resolve(args, default_name=time.strftime("demo-%Y%m%d-%H%M%S"),
                      defaults=["federation.sites=3", "federation.rounds=3"])
@@ -50,10 +50,8 @@ def demo(args: argparse.Namespace) -> int:
     with LocalDeployment(run_dir, config, insecure=args.insecure) as deployment:
         say(f"  {fed.sites} SuperNodes online after {time.time() - started:.0f} s; each ClientApp message starts "
             "a fresh process, so rounds are slower than in simulation")
-        deployment.run(on_progress=lambda row: say(format_progress(row, fed.rounds)))
-    results = json.loads((run_dir / "results.json").read_text())
-    results["timings"]["wall_seconds"] = time.time() - started
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+        deployment.run(on_progress=lambda row: show_row(say, row, fed.rounds))
+    results = with_wall_time(run_dir, time.time() - started)
     if config.privacy.audit:
         say("  membership-inference audit of the final model (possible here: every site's file is on this machine) ...")
         results = audit_into_run(run_dir)

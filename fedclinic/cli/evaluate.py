@@ -22,7 +22,7 @@ from fractions import Fraction
 from fedclinic.config import ConfigError, DataConfig
 from fedclinic.data import DataError
 from fedclinic.report import json_safe
-from fedclinic.report_text import format_metric
+from fedclinic.report.text import format_metric
 
 # budgets in pixel units of images in [0, 1]: 1 to 8 grey levels for L-inf;
 # an L2 ball of radius 0.5 holds, e.g., a change of 0.5 / 32 on every pixel of a 32 x 32 scan
@@ -66,7 +66,7 @@ def evaluate_parser(sub) -> None:
 
 def evaluate(args: argparse.Namespace) -> int:
     from fedclinic.device import resolve_device
-    from fedclinic.evaluation.adversarial import check_attack, robust_evaluate
+    from fedclinic.analysis.adversarial import check_attack, robust_evaluate
 
     eps = args.eps if args.eps is not None else DEFAULT_EPS[args.norm]
     settings = {"attack": args.attack, "norm": args.norm, "steps": args.steps, "step_size": args.step_size}
@@ -93,9 +93,9 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_onnx(args, data, data_name: str, *, eps, device, settings: dict) -> dict:
     """An exported .onnx model (no gradients): clean, then on images attacked through --transfer-from."""
-    from fedclinic.compression import OnnxModel
+    from fedclinic.analysis.compression import OnnxModel
     from fedclinic.evaluation import evaluate
-    from fedclinic.evaluation.adversarial import attacked_copy
+    from fedclinic.analysis.adversarial import attacked_copy
 
     try:
         onnx = OnnxModel(args.model)

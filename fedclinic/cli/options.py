@@ -9,6 +9,7 @@ from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Callable
 
+from fedclinic.cli.progress import Progress
 from fedclinic.config import Config, ConfigError, check_sites, load_config, parse_override
 
 
@@ -21,7 +22,7 @@ def add_run_options(p: argparse.ArgumentParser, *, name_help: str) -> None:
     p.add_argument("--data", metavar="FILE.npz", help="MedMNIST-style .npz file instead of synthetic sites (data.path)")
     p.add_argument("--out", metavar="DIR", help="folder for run directories (output.dir, default runs)")
     p.add_argument("--name", help=name_help)
-    p.add_argument("--quiet", action="store_true", help="no progress lines, only the final table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines or bars, only the final table")
 
 
 def resolve(args: argparse.Namespace, *, default_name: str | None = None, defaults: list[str] = ()) -> Config:
@@ -118,5 +119,17 @@ def check_config(config: Config) -> None:
     check_budget(config, min(sizes))
 
 
-def progress_printer(config: Config) -> Callable[[str], None]:
-    return (lambda *a: None) if config.output.quiet else (lambda *a: print(*a, flush=True))
+def progress_printer(config: Config) -> Progress:
+    """The command's progress lines and bars (none with output.quiet; bars only on a terminal)."""
+    return Progress(quiet=config.output.quiet)
+
+
+def show_row(say: Progress, row: dict, rounds: int) -> None:
+    """A line of the run's progress file: a round (the rounds bar) or a message (its step's bar, if any)."""
+    from fedclinic.report import format_progress
+
+    say(format_progress(row, rounds))
+    if "step" in row:
+        say.step(*row["step"])
+    elif "round" in row:
+        say.step("rounds", row["round"], rounds)

@@ -133,7 +133,7 @@ def audit(args: argparse.Namespace) -> int:
     if (run_dir / "results.json").exists():
         found = audit_into_run(run_dir)["audit"]
     else:  # a run directory from elsewhere: just the model and its config
-        from fedclinic.privacy.audit import audit_run
+        from fedclinic.analysis.audit import audit_run
 
         found = {k: v for k, v in audit_run(run_dir).items() if k != "curve"}
     if args.json:
@@ -152,14 +152,12 @@ def format_audit(found: dict) -> str:
 
 def audit_into_run(run_dir: Path) -> dict:
     """Audit a finished run and add the result to its results.json and report.md; returns the results."""
-    from fedclinic.privacy.audit import audit_run
-    from fedclinic.report_text import write_reports
+    from fedclinic.analysis.audit import audit_run
+    from fedclinic.report import update_results
+    from fedclinic.report.text import write_reports
 
     audit = audit_run(run_dir)
-    results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text())
-    results["audit"] = {k: v for k, v in audit.items() if k != "curve"}
-    results_path.write_text(json.dumps(results, indent=2))
+    results = update_results(run_dir, {"audit": {k: v for k, v in audit.items() if k != "curve"}})
     write_reports(results, run_dir)
     return results
 

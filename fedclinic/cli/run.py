@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 from fedclinic.cli.baselines import baselines_into_run
 from fedclinic.cli.options import (add_run_options, check_config, describe_privacy, progress_printer, resolve,
-                                   resolve_resume)
+                                   resolve_resume, show_row)
 from fedclinic.cli.privacy import audit_into_run, format_audit
+from fedclinic.cli.progress import Progress
 from fedclinic.config import DEFAULTS, Config, ConfigError
 
 
@@ -32,13 +31,12 @@ def simulate_parser(sub) -> None:
                         "the same run directory, as `fedclinic baselines RUN_DIR` does")
 
 
-def run_once(config: Config, run_dir: Path, say: Callable[[str], None]) -> dict:
+def run_once(config: Config, run_dir: Path, say: Progress) -> dict:
     """One simulation of `config` into `run_dir`; returns its results.json, with the wall time added."""
-    from fedclinic import simulation
+    from fedclinic.runtime import simulation
     from fedclinic.data import site_data
-    from fedclinic.plots import plot_label_distribution, plot_site_samples
-    from fedclinic.report import format_progress
-
+    from fedclinic.report import with_wall_time
+    from fedclinic.report.plots import plot_label_distribution, plot_site_samples
     fed = config.federation
     # what the sites hold: simulation only, the server never sees site data in deployment
     sites = [site_data(config.data, k, fed.sites)[0] for k in range(fed.sites)]
@@ -46,10 +44,8 @@ def run_once(config: Config, run_dir: Path, say: Callable[[str], None]) -> dict:
     plot_site_samples(sites, run_dir / "site_samples.png")
     say("  starting Flower's simulation runtime ...")
     started = time.time()
-    simulation.run(config, run_dir, on_progress=lambda row: say(format_progress(row, fed.rounds)))
-    results = json.loads((run_dir / "results.json").read_text())
-    results["timings"]["wall_seconds"] = time.time() - started
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    simulation.run(config, run_dir, on_progress=lambda row: show_row(say, row, fed.rounds))
+    results = with_wall_time(run_dir, time.time() - started)
     if config.privacy.audit:
         say("  membership-inference audit of the final model ...")
         results = audit_into_run(run_dir)
@@ -58,7 +54,7 @@ def run_once(config: Config, run_dir: Path, say: Callable[[str], None]) -> dict:
 
 def personalization_line(results: dict) -> str:
     """Global -> personalised accuracy on the sites' own validation splits (beside silo's, when the baselines ran)."""
-    from fedclinic.report_text import format_metric
+    from fedclinic.report.text import format_metric
 
     p, acc = results["personalization"], lambda scores: format_metric(scores["accuracy"], ".2f")
     line = (f"personalised on own validation splits: mean accuracy {acc(p['global']['mean'])} -> "
@@ -79,7 +75,7 @@ def post_training_summary(results: dict) -> list[str]:
                      f"{r['robust_accuracy']:.3f} at eps {r['headline_eps'] * 255:.0f}/255")
     if results.get("compression"):
         c = results["compression"]
-        from fedclinic.report_text import format_ratio
+        from fedclinic.report.text import format_ratio
 
         lines.append(f"int8 model: {format_ratio(c['size_ratio'], 'smaller', 'larger', 'x')}, "
                      f"{format_ratio(c['speedup_b64'], 'faster', 'slower', 'x')} at batch 64, "
@@ -113,7 +109,7 @@ def simulate(args: argparse.Namespace) -> int:
 def print_results(results: dict, run_dir: Path) -> None:
     """The round table and one line per finding: what simulate and demo print at the end."""
     from fedclinic.report import format_table
-    from fedclinic.report_text import format_comparison
+    from fedclinic.report.text import format_comparison
 
     print(format_table(results))
     if "baselines" in results:
@@ -184,9 +180,10 @@ def sweep(args: argparse.Namespace) -> int:
     add_baselines = (lambda point: baselines_into_run(point.run_dir, point.config, say,
                                                       non_private=point.config.privacy.mode == "off")
                      ) if args.baselines else None
+    say.step("sweep points", 0, len(points))
     try:
         rows = run_points(points, run_point=lambda config: run_once(config, run_directory(config), say), say=say,
-                          add_baselines=add_baselines)
+                          add_baselines=add_baselines, on_done=lambda done, total: say.step("sweep points", done, total))
     except KeyboardInterrupt:
         done = sum(reusable(point) for point in points)
         print(f"fedclinic: sweep interrupted with {done} of {len(points)} points done; every process it started has "

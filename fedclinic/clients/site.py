@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fedclinic.atomic import atomic_file
 from fedclinic.clients.training import round_lr_scale, train_locally
 from fedclinic.config import Config, check_site_size
 from fedclinic.data import ImageSet, load_site_file, site_data
@@ -150,16 +150,8 @@ def keep(site: Site, name: str, reply: dict) -> None:
     """Keep a reply beside the ledger (atomically), to resend if the server asks for the same release again."""
     if site.state_dir is None:
         return
-    path = site.state_dir / name
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(reply, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(site.state_dir / name) as f:
+        torch.save(reply, f)
 
 
 def resend(site: Site, ledger: Ledger, name: str, *, server_round: int, kind: str, sent: str) -> dict | None:

@@ -33,7 +33,7 @@ from fedclinic.config import PrivacyConfig, RobustnessConfig, TrainingConfig
 from fedclinic.data import ImageSet
 from fedclinic.data.augment import scanner_views
 from fedclinic.device import resolve_device
-from fedclinic.evaluation.adversarial import perturb
+from fedclinic.analysis.adversarial import perturb
 from fedclinic.model import multitask_loss
 
 # robustness.* as configured by default (frozen, so one instance serves every call)

@@ -381,7 +381,7 @@ class OutputConfig:
     dir: str = "runs"
     # name of this run's folder; empty means a timestamp
     name: str = ""
-    # no progress lines, only the final table
+    # no progress lines or bars, only the final table
     quiet: bool = False
     # continue the run in output.dir/output.name from its checkpoint.pt (set by --resume RUN_DIR)
     resume: bool = False

@@ -1,5 +1,6 @@
 """A site's privacy ledger: its noise plan and every DP release it made, kept on disk.
 
+
 The ledger is a history, and epsilon is a pure function over it
 (fedclinic.privacy.accounting), so a restarted site still knows what it has
 spent. Writes are atomic: a new file is written beside the old one and moved
@@ -18,14 +19,13 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from fedclinic.atomic import atomic_file
 from fedclinic.config import PrivacyConfig
 from fedclinic.privacy.accounting import Release, epsilon, plan_site, steps_per_epoch
 
@@ -129,16 +129,8 @@ class Ledger:
             "plan": None if self.plan is None else asdict(self.plan),
             "entries": [asdict(e) for e in self.entries],
         }
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)  # the old ledger is untouched
-            raise
+        with atomic_file(self.path, "w") as f:  # interrupted, the old ledger is untouched
+            json.dump(payload, f, indent=1)
 
     @classmethod
     def open(cls, state_dir: str | Path | None, *, site: int | None) -> "Ledger":

@@ -16,7 +16,7 @@ from fedclinic.config import check_federation, check_sites, from_run_config
 from fedclinic.data import server_test_set, site_sizes
 from fedclinic.device import resolve_device
 from fedclinic.evaluation import evaluate
-from fedclinic.evaluation.adversarial import fgsm_check
+from fedclinic.analysis.adversarial import fgsm_check
 from fedclinic.model import initial_model
 from fedclinic.report import RunRecorder, run_directory
 from fedclinic.server.checkpoint import load_checkpoint, save_checkpoint
@@ -93,9 +93,9 @@ def main(grid: Grid, context: Context) -> None:
         final, last_round = stopped.arrays, stopped.last_round
     model.load_state_dict(final.to_torch_state_dict())
 
-    def say(message: str) -> None:
+    def say(message: str, step: tuple[str, int, int] | None = None) -> None:
         log(INFO, "fedclinic: %s", message)
-        recorder.note(message)
+        recorder.note(message, step)
 
     personalization = personalize_sites(grid, final, config, run_dir, last_round=last_round, say=say)
     found = post_training(model, test_set, config, run_dir, device=device, say=say)

@@ -16,12 +16,12 @@ and no pickled object.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import torch
 
+from fedclinic.atomic import atomic_file
 
 FILE = "checkpoint.pt"
 TENSOR = "__tensor__"  # {TENSOR: i} in the JSON stands for tensors[i]
@@ -33,17 +33,10 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(run_dir: Path, server_round: int, state_dict: dict[str, torch.Tensor], state: dict) -> Path:
     path = Path(run_dir) / FILE
-    tmp = path.with_suffix(".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            tensors: list[torch.Tensor] = []
-            text = json.dumps(_without_tensors(state, tensors))
-            torch.save({"round": server_round, "arrays": state_dict, "state": text, "tensors": tensors}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors: list[torch.Tensor] = []
+    text = json.dumps(_without_tensors(state, tensors))
+    with atomic_file(path) as f:
+        torch.save({"round": server_round, "arrays": state_dict, "state": text, "tensors": tensors}, f)
     return path
 
 

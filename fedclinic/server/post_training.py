@@ -1,7 +1,10 @@
 """After the last round: attack, compress and explain the global model on the server's test set.
 
-    found = post_training(model, test_set, config, run_dir, device=device, say=print)
+    found = post_training(model, test_set, config, run_dir, device=device, say=lambda line, step=None: print(line))
     found["robustness"], found["compression"], found["explanations"]
+
+`say(line, step=None)` gets each line of progress, and with the attacks'
+lines step = ("attacks", done, total) for a progress bar.
 
 Flower-free; the ServerApp calls it once, after aggregation. Each step can be
 switched off (`robustness.enabled`, `compression.enabled`, `explain.enabled`)
@@ -23,7 +26,7 @@ from torch import nn
 
 from fedclinic.config import Config
 from fedclinic.data import ImageSet
-from fedclinic.evaluation.adversarial import attacked_copy, robust_evaluate
+from fedclinic.analysis.adversarial import attacked_copy, robust_evaluate
 
 
 # compare() times batches of 64 images
@@ -41,9 +44,11 @@ def robustness_step(model: nn.Module, test: ImageSet, config: Config, *, device,
     rob = config.robustness
     attacked = sample(test, rob.max_images, seed=config.data.seed)
     say(f"robustness: {rob.attack.upper()} {rob.norm} on {len(attacked)} test images, eps {rob.eps}")
+    # robust_evaluate reports the clean scores, then each budget's attack: one step each
+    total, done = len(rob.eps_list) + 1, iter(range(1, len(rob.eps_list) + 2))
     found = robust_evaluate(model, attacked, eps=list(rob.eps_list), attack=rob.attack, norm=rob.norm,
-                            steps=rob.steps, box_weight=config.model.box_weight, device=device,
-                            seed=config.data.seed, on_progress=lambda line: say(f"  {line}"))
+                            steps=rob.steps, box_weight=config.model.box_weight, device=device, seed=config.data.seed,
+                            on_progress=lambda line: say(f"  {line}", step=("attacks", next(done), total)))
     headline = found["attacks"][-1]
     found["robust_accuracy"] = headline["robust_accuracy"]  # at the largest budget, the one sweeps plot
     found["headline_eps"] = headline["eps"]
@@ -51,7 +56,7 @@ def robustness_step(model: nn.Module, test: ImageSet, config: Config, *, device,
 
 
 def compression_step(model: nn.Module, test: ImageSet, config: Config, run_dir: Path, *, device, say) -> dict:
-    from fedclinic.compression import compare, compress  # onnx/onnxruntime load only when compressing
+    from fedclinic.analysis.compression import compare, compress  # onnx/onnxruntime load only when compressing
 
     comp = config.compression
     order = np.random.default_rng(config.data.seed + 1).permutation(len(test))
@@ -79,7 +84,7 @@ def compression_step(model: nn.Module, test: ImageSet, config: Config, run_dir: 
 
 
 def explanation_step(model: nn.Module, test: ImageSet, config: Config, run_dir: Path, *, device, say) -> dict:
-    from fedclinic.evaluation.explain import explain  # captum loads only when explaining
+    from fedclinic.analysis.explain import explain  # captum loads only when explaining
 
     shown = sample(test, config.explain.max_images, seed=config.data.seed)
     say(f"explanations: Integrated Gradients and Grad-CAM on {len(shown)} test images")
@@ -87,7 +92,7 @@ def explanation_step(model: nn.Module, test: ImageSet, config: Config, run_dir: 
 
 
 def post_training(
-    model: nn.Module, test: ImageSet, config: Config, run_dir: Path, *, device, say: Callable[[str], None]
+    model: nn.Module, test: ImageSet, config: Config, run_dir: Path, *, device, say: Callable[..., None]
 ) -> dict:
     """Every enabled step, in order: {"robustness", "compression", "explanations"} (None = off), and
     "post_training_seconds" (each step that ran)."""

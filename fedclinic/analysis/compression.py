@@ -1,6 +1,6 @@
 """Compression of the final global model for deployment: prune, export to ONNX, quantize to int8.
 
-    from fedclinic.compression import compress, compare, OnnxModel
+    from fedclinic.analysis.compression import compress, compare, OnnxModel
     files = compress(model, calibration, run_dir)   # run_dir/global_model.onnx and global_model.int8.onnx
     compare(model, files["int8_path"], test_set)    # size, CPU latency, accuracy, IoU: before vs after
     evaluate(OnnxModel(files["int8_path"]), test_set, box_weight=1.0)   # scored like the torch model
@@ -324,7 +324,7 @@ def compare(
     calls after a warm-up, both on `threads` CPU threads, default torch's),
     "accuracy", "f1", "iou" on `test`, and "robust_accuracy" on
     `adversarial`: images crafted against the torch model, with the clean
-    labels (fedclinic.evaluation.adversarial), so "after" is a transfer
+    labels (fedclinic.analysis.adversarial), so "after" is a transfer
     attack on the compressed model; NaN on both sides when not given.
     "agreement" is the share of test images both predict the same class for.
     """

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from fedclinic.config import Config
-from fedclinic.deployment.processes import Daemon, FlowerError, free_port, stop_all
-from fedclinic.deployment.runs import Connection, follow, submit
+from fedclinic.runtime.processes import Daemon, FlowerError, free_port, stop_all
+from fedclinic.runtime.runs import Connection, follow, submit
 
 
 class SimulationError(FlowerError):

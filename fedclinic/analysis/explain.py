@@ -1,6 +1,6 @@
 """Explanations of the global model: Integrated Gradients and Grad-CAM maps (Captum), scored against lesion boxes.
 
-    from fedclinic.evaluation.explain import explain
+    from fedclinic.analysis.explain import explain
     scores = explain(model, test_set, run_dir, per_class=3, device="cpu", seed=0)
     # writes run_dir/explanations.png; scores = {"integrated_gradients": {"mass_in_box": ..,
     #   "pointing_hit_rate": .., "chance_mass": .., "images": n}, "grad_cam": {...}}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fedclinic.deployment.processes import FlowerError, flower_bin, flower_env, last_error
+from fedclinic.runtime.processes import FlowerError, flower_bin, flower_env, last_error
 
 
 def app_dir() -> Path:

@@ -1,23 +1,22 @@
-"""PNG plots of a run (matplotlib, no screen needed)."""
+"""PNG plots of a run: matplotlib Figures drawn straight to PNG (no pyplot, no screen, no global backend)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-from fedclinic.data import ImageSet  # noqa: E402
+from fedclinic.data import ImageSet
 
 
 def plot_central(rounds: list[dict], path: Path) -> None:
     """Central accuracy and IoU of the global model per round."""
     x = [r["round"] for r in rounds]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(x, [r["accuracy"] for r in rounds], marker="o", label="accuracy")
     ax.plot(x, [r["f1"] for r in rounds], marker="s", label="macro-F1")
     iou = [r["iou"] for r in rounds]
@@ -29,12 +28,12 @@ def plot_central(rounds: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_epsilon(site_metrics: list[dict], path: Path, target: float) -> None:
     """Cumulative epsilon of each site after each round it trained in."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for site in sorted({int(m["site"]) for m in site_metrics}):
         rows = sorted((m for m in site_metrics if int(m["site"]) == site), key=lambda m: m["round"])
         ax.plot([m["round"] for m in rows], [m["epsilon"] for m in rows], marker="o", label=f"site {site}")
@@ -44,14 +43,14 @@ def plot_epsilon(site_metrics: list[dict], path: Path, target: float) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_label_distribution(sites: list[ImageSet], path: Path) -> None:
     """Stacked bars: how many images of each class every site holds."""
     counts = np.stack([s.label_counts() for s in sites])
     names = sites[0].class_names
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     bottom = np.zeros(len(sites))
     for k, name in enumerate(names):
         ax.bar(range(len(sites)), counts[:, k], bottom=bottom, label=name)
@@ -61,12 +60,12 @@ def plot_label_distribution(sites: list[ImageSet], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_site_samples(sites: list[ImageSet], path: Path, per_site: int = 6) -> None:
     """A few images of every site, with their class and lesion box."""
-    fig, axes = plt.subplots(len(sites), per_site, figsize=(1.4 * per_site, 1.5 * len(sites)), squeeze=False)
+    fig = Figure(figsize=(1.4 * per_site, 1.5 * len(sites)))
+    axes = fig.subplots(len(sites), per_site, squeeze=False)
     for i, data in enumerate(sites):
         for j in range(per_site):
             ax = axes[i, j]
@@ -79,11 +78,10 @@ def plot_site_samples(sites: list[ImageSet], path: Path, per_site: int = 6) -> N
             ax.set_title(f"site {i}: {data.class_names[data.labels[j]]}", fontsize=6)
             if data.boxes is not None and np.isfinite(data.boxes[j]).all():
                 cx, cy, bw, bh = data.boxes[j]
-                ax.add_patch(plt.Rectangle(((cx - bw / 2) * w - 0.5, (cy - bh / 2) * h - 0.5), bw * w, bh * h,
+                ax.add_patch(Rectangle(((cx - bw / 2) * w - 0.5, (cy - bh / 2) * h - 0.5), bw * w, bh * h,
                                            fill=False, edgecolor="red", linewidth=0.8))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_privacy_tradeoff(rows: list[dict], metric: str, path: Path, *, ylabel: str) -> None:
@@ -93,7 +91,8 @@ def plot_privacy_tradeoff(rows: list[dict], metric: str, path: Path, *, ylabel: 
     measured).
     Private points are joined by clipping norm; a point that spent no epsilon has no place on a log axis.
     """
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     private = [r for r in rows if r["mode"] != "off" and r[metric] is not None and (r["max_epsilon"] or 0) > 0]
     for norm in sorted({r["max_grad_norm"] for r in private}):
         group = sorted((r for r in private if r["max_grad_norm"] == norm), key=lambda r: r["max_epsilon"])
@@ -117,4 +116,3 @@ def plot_privacy_tradeoff(rows: list[dict], metric: str, path: Path, *, ylabel: 
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

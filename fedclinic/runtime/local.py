@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 from fedclinic.config import Config
-from fedclinic.deployment.certs import DEFAULT_HOSTS, write_certs
-from fedclinic.deployment.processes import Daemon, FlowerError, free_port, last_error, stop_all
-from fedclinic.deployment.runs import Connection, follow, submit
+from fedclinic.runtime.certs import DEFAULT_HOSTS, write_certs
+from fedclinic.runtime.processes import Daemon, FlowerError, free_port, last_error, stop_all
+from fedclinic.runtime.runs import Connection, follow, submit
 
 
 class DeploymentError(FlowerError):

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 from fedclinic import __version__
+from fedclinic.atomic import atomic_file
 from fedclinic.config import Config, ConfigError
 from fedclinic.model import save_model
-from fedclinic.plots import plot_central, plot_epsilon
-from fedclinic.report_text import format_metric, format_table, write_reports  # noqa: F401 (format_table: for the CLI)
+from fedclinic.report.plots import plot_central, plot_epsilon
+from fedclinic.report.text import format_metric, format_table, write_reports  # noqa: F401 (format_table: for the CLI)
 
 
 def run_directory(config: Config) -> Path:
@@ -36,6 +37,26 @@ def run_directory(config: Config) -> Path:
                           "(choose another --out or --name)")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    """The run's results.json (the one place that writes it), atomically: a reader never sees half a file."""
+    with atomic_file(Path(run_dir) / "results.json", "w") as f:
+        json.dump(results, f, indent=2)
+
+
+def update_results(run_dir: Path, changes: dict) -> dict:
+    """The run's results.json with each top-level key of `changes` set, written back; returns all of it."""
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    results.update(changes)
+    write_results(run_dir, results)
+    return results
+
+
+def with_wall_time(run_dir: Path, seconds: float) -> dict:
+    """results.json with the command's wall time (timings.wall_seconds) added; returns it."""
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    return update_results(run_dir, {"timings": {**results["timings"], "wall_seconds": seconds}})
 
 
 def _clean(value):
@@ -71,10 +92,12 @@ class RunRecorder:
         # resumed: the rounds of the checkpoint, and not a line the stopped server wrote after it
         (path / "progress.jsonl").write_text("".join(_progress_line(row) for row in self.central))
 
-    def note(self, message: str) -> None:
-        """A line of progress that is not a round (the post-training steps), for the command to show."""
+    def note(self, message: str, step: tuple[str, int, int] | None = None) -> None:
+        """A line of progress that is not a round (the post-training steps), for the command to show;
+        `step` = (kind, done, total) when the line finishes one of `total` steps of that kind."""
+        row = {"message": message} if step is None else {"message": message, "step": list(step)}
         with open(self.path / "progress.jsonl", "a") as f:
-            f.write(json.dumps({"message": message}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
     def central_round(
         self, server_round: int, scores: dict, site_metrics: list[dict], central_epsilon: float | None = None
@@ -117,7 +140,7 @@ class RunRecorder:
         results["personalization"] = json_safe(personalization)  # None when personalize.epochs is 0
         if results["privacy"]["central"]:
             results["privacy"]["central"]["epsilon"] = central_epsilon
-        (self.path / "results.json").write_text(json.dumps(results, indent=2))
+        write_results(self.path, results)
         self._write_metrics_csv(site_metrics)
         plot_central(self.central, self.path / "central_metrics.png")
         if self.config.privacy.local:

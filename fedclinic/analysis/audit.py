@@ -1,6 +1,6 @@
 """Empirical privacy audit: can a loss-threshold attack tell the images a model trained on?
 
-    from fedclinic.privacy.audit import audit_run
+    from fedclinic.analysis.audit import audit_run
     audit = audit_run("runs/my-run")   # writes runs/my-run/audit.json and audit_roc.png
     audit["auc"], audit["tpr_at_1pct_fpr"]
 

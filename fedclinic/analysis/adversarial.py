@@ -1,6 +1,6 @@
 """Adversarial robustness of the multi-task model: FGSM and PGD against its class head and its box head.
 
-    from fedclinic.evaluation.adversarial import fgsm_check, perturb, robust_evaluate
+    from fedclinic.analysis.adversarial import fgsm_check, perturb, robust_evaluate
     found = robust_evaluate(model, test_set, eps=[2 / 255, 8 / 255], attack="pgd", norm="linf")
     # {"clean_accuracy": 0.81, "clean_iou": 0.42, ...,
     #  "attacks": [{"eps": 0.0078, "robust_accuracy": 0.55, "iou_under_attack": 0.30, ...}, ...]}
