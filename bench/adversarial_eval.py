@@ -24,7 +24,7 @@ from fedclinic.clients.training import train_locally  # noqa: E402
 from fedclinic.config import DataConfig, load_config  # noqa: E402
 from fedclinic.data import server_test_set, site_data  # noqa: E402
 from fedclinic.evaluation import evaluate  # noqa: E402
-from fedclinic.evaluation.adversarial import robust_evaluate  # noqa: E402
+from fedclinic.analysis.adversarial import robust_evaluate  # noqa: E402
 from fedclinic.model import load_model  # noqa: E402
 
 EPS = [1 / 255, 2 / 255, 4 / 255, 8 / 255]

@@ -28,7 +28,7 @@ from fedclinic.clients.site import build_model  # noqa: E402
 from fedclinic.clients.training import train_locally  # noqa: E402
 from fedclinic.config import load_config  # noqa: E402
 from fedclinic.data import server_test_set, site_data  # noqa: E402
-from fedclinic.evaluation.adversarial import robust_evaluate  # noqa: E402
+from fedclinic.analysis.adversarial import robust_evaluate  # noqa: E402
 from fedclinic.privacy.accounting import epsilon, plan_site  # noqa: E402
 
 TRAIN_EPS = 4 / 255

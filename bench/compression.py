@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fedclinic.clients.site import build_model  # noqa: E402
 from fedclinic.clients.training import train_locally  # noqa: E402
-from fedclinic.compression import QUANT_FORMATS, compare, compress  # noqa: E402
+from fedclinic.analysis.compression import QUANT_FORMATS, compare, compress  # noqa: E402
 from fedclinic.config import load_config  # noqa: E402
 from fedclinic.data import server_test_set, site_data  # noqa: E402
 from fedclinic.model import load_model  # noqa: E402

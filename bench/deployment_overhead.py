@@ -3,7 +3,7 @@
     python bench/deployment_overhead.py [--sites 3] [--rounds 3] [--site-size 200] [--superexec-poll 0.1]
 
 Runs one small federation (post-training steps off) twice: with
-`fedclinic.simulation.run` (Ray workers stay alive, so each site imports
+`fedclinic.runtime.simulation.run` (Ray workers stay alive, so each site imports
 torch and Opacus once) and on a local Deployment Engine (`LocalDeployment`:
 SuperLink + one SuperNode per site, where every message starts a fresh
 `flwr-clientapp` process that imports fedclinic.clients.app again). A round's
@@ -36,9 +36,9 @@ os.environ["MKL_NUM_THREADS"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from fedclinic import simulation  # noqa: E402
+from fedclinic.runtime import simulation  # noqa: E402
 from fedclinic.config import load_config  # noqa: E402
-from fedclinic.deployment.local import LocalDeployment  # noqa: E402
+from fedclinic.runtime.local import LocalDeployment  # noqa: E402
 
 
 def import_seconds(repeats: int = 3) -> tuple[float, float]:

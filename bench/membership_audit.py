@@ -26,7 +26,7 @@ from fedclinic.config import load_config  # noqa: E402
 from fedclinic.data.synthetic import generate_fresh_site_scans  # noqa: E402
 from fedclinic.evaluation import evaluate  # noqa: E402
 from fedclinic.privacy.accounting import plan_site  # noqa: E402
-from fedclinic.privacy.audit import audit_model  # noqa: E402
+from fedclinic.analysis.audit import audit_model  # noqa: E402
 
 SETTINGS = [("no DP", None), ("DP eps=8", 8.0), ("DP eps=1", 1.0)]
 MEMBERS = 400  # training images: few, so that the plain model overfits
