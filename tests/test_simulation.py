@@ -29,17 +29,7 @@ def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def processes_started_for(run_dir: Path) -> list[int]:
     """PIDs of live processes whose environment points Flower at this run's FLWR_HOME."""
-    marker = f"FLWR_HOME={run_dir / '.flwr'}".encode()
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes().split(b"\0"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
+    return sorted(with_env(f"FLWR_HOME={run_dir / '.flwr'}"))
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from fedclinic.atomic import atomic_file
 from fedclinic.cli.options import add_run_options, check_config, progress_printer, refuse_changes, resolve
 from fedclinic.config import Config, ConfigError, load_config, replace
 
@@ -94,7 +93,7 @@ def baselines_into_run(run_dir: Path, config: Config, say: Callable[[str], None]
     report (a report of the baselines alone when the directory holds no federation); returns the results."""
     from fedclinic import __version__
     from fedclinic.baselines import run_baselines
-    from fedclinic.report import json_safe, write_results
+    from fedclinic.report import json_safe, write_json, write_results
     from fedclinic.report.text import write_reports
 
     found = json_safe(run_baselines(config, say, non_private=non_private))
@@ -110,8 +109,3 @@ def baselines_into_run(run_dir: Path, config: Config, say: Callable[[str], None]
     write_reports(results, run_dir)
     return results
 
-
-def write_json(path: Path, value: dict) -> None:
-    """`value` as JSON in `path`, atomically: an interrupted write leaves the old file whole."""
-    with atomic_file(path, "w") as f:
-        json.dump(value, f, indent=2)

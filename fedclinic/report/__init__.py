@@ -39,10 +39,15 @@ def run_directory(config: Config) -> Path:
     return path
 
 
+def write_json(path: Path, value: dict) -> None:
+    """`value` as JSON in `path`, atomically: a reader never sees half a file, an interrupted write keeps the old."""
+    with atomic_file(path, "w") as f:
+        json.dump(value, f, indent=2)
+
+
 def write_results(run_dir: Path, results: dict) -> None:
-    """The run's results.json (the one place that writes it), atomically: a reader never sees half a file."""
-    with atomic_file(Path(run_dir) / "results.json", "w") as f:
-        json.dump(results, f, indent=2)
+    """The run's results.json: the one place that writes it."""
+    write_json(Path(run_dir) / "results.json", results)
 
 
 def update_results(run_dir: Path, changes: dict) -> dict:
@@ -56,7 +61,9 @@ def update_results(run_dir: Path, changes: dict) -> dict:
 def with_wall_time(run_dir: Path, seconds: float) -> dict:
     """results.json with the command's wall time (timings.wall_seconds) added; returns it."""
     results = json.loads((Path(run_dir) / "results.json").read_text())
-    return update_results(run_dir, {"timings": {**results["timings"], "wall_seconds": seconds}})
+    results["timings"]["wall_seconds"] = seconds
+    write_results(run_dir, results)
+    return results
 
 
 def _clean(value):

@@ -45,7 +45,8 @@ def robustness_step(model: nn.Module, test: ImageSet, config: Config, *, device,
     attacked = sample(test, rob.max_images, seed=config.data.seed)
     say(f"robustness: {rob.attack.upper()} {rob.norm} on {len(attacked)} test images, eps {rob.eps}")
     # robust_evaluate reports the clean scores, then each budget's attack: one step each
-    total, done = len(rob.eps_list) + 1, iter(range(1, len(rob.eps_list) + 2))
+    total = len(rob.eps_list) + 1
+    done = iter(range(1, total + 1))
     found = robust_evaluate(model, attacked, eps=list(rob.eps_list), attack=rob.attack, norm=rob.norm,
                             steps=rob.steps, box_weight=config.model.box_weight, device=device, seed=config.data.seed,
                             on_progress=lambda line: say(f"  {line}", step=("attacks", next(done), total)))
