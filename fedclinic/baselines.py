@@ -202,13 +202,22 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def run_baselines(config: Config, say: Callable[[str], None] = lambda message: None, *,
-                  non_private: bool = True) -> dict:
+                  non_private: bool = True, on_step: Callable[[str, int, int], None] | None = None) -> dict:
     """The pooled and silo baselines of `config` (see the module's docstring), with the initial model's scores.
 
     `non_private=False` leaves out the non-private pooled model (the sweep trains it once, at its baseline point).
+    `say` gets one line per model trained, and `on_step("baselines", done, total)` is told of each.
     """
     started = time.perf_counter()
     fed = config.federation
+    total, done = int(non_private) + int(config.privacy.local) + fed.sites, iter(range(1, 1_000_000))
+    if on_step is not None:
+        line = say
+
+        def say(message: str) -> None:  # each line is one model trained
+            line(message)
+            on_step("baselines", next(done), total)
+
     test_set = server_test_set(config.data)
     first = initial_model(config, test_set)
     start = {k: v.detach().clone() for k, v in first.state_dict().items()}

@@ -187,7 +187,8 @@ def test_audit_run_writes_the_documented_json_and_the_roc_plot(tmp_path):
     # Prepare
     config = tiny_run(tmp_path)
     # Execute
-    audit = audit_run(tmp_path)
+    steps = []
+    audit = audit_run(tmp_path, on_site=lambda done, total: steps.append((done, total)))
     # Assert
     written = json.loads((tmp_path / "audit.json").read_text())
     assert written == json.loads(json.dumps(audit))
@@ -200,14 +201,14 @@ def test_audit_run_writes_the_documented_json_and_the_roc_plot(tmp_path):
     assert written["members"] == written["nonmembers"] == sum(train_sizes)
     assert (tmp_path / "audit_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert audit_run(tmp_path)["auc"] == audit["auc"]  # the same run gives the same audit
+    assert steps == [(1, 2), (2, 2)]  # the progress bar: one step per site
 
 
 def test_fedclinic_audit_adds_the_audit_to_the_runs_results_and_reports(tmp_path, capsys):
     from fedclinic.cli import main
 
     # Prepare: a finished run's results.json without an audit
-    tiny_run(tmp_path)
-    (tmp_path / "results.json").write_text(json.dumps(minimal_results(tmp_path.name)))
+    finished_results(tmp_path, tiny_run(tmp_path))
     # Execute
     assert main(["audit", str(tmp_path)]) == 0
     # Assert
@@ -222,12 +223,17 @@ def test_fedclinic_audit_adds_the_audit_to_the_runs_results_and_reports(tmp_path
     assert "does not exist" in capsys.readouterr().err
 
 
-def minimal_results(name: str) -> dict:
-    """The results.json of a 0-round, non-private run: just what the report needs."""
-    return {"run": name, "config": {"data.path": ""}, "sites": [], "rounds": [],
-            "final": {"accuracy": None, "f1": None, "iou": None},
-            "privacy": {"mode": "off", "record_level": None, "central": None}, "stop_reason": None,
-            "timings": {"server_seconds": 0.0, "site_train_seconds": 0.0, "central_eval_seconds": 0.0}}
+def finished_results(tmp_path, config) -> None:
+    """The results.json of a 0-round run, written by the run's own recorder."""
+    from fedclinic.data import server_test_set
+    from fedclinic.evaluation import evaluate
+    from fedclinic.model import load_model
+    from fedclinic.report import RunRecorder
+
+    model, test_set = load_model(tmp_path / "global_model.pt"), server_test_set(config.data)
+    recorder = RunRecorder(tmp_path, config, started=0.0)
+    recorder.central_round(0, {**evaluate(model, test_set, box_weight=1.0), "seconds": 0.1}, [])
+    recorder.finish(model, CLASS_NAMES, [], strategy_seconds=0.0)
 
 
 def test_synthetic_non_members_are_fresh_scans_of_the_site_never_its_own():

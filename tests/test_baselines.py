@@ -60,11 +60,14 @@ def traced():
 
     baselines.train_locally = recording
     threads = torch.get_num_threads()
+    lines, steps = [], []
     try:
-        found = run_baselines(config)
+        found = run_baselines(config, lines.append, on_step=lambda *step: steps.append(step))
     finally:
         baselines.train_locally = real
     assert torch.get_num_threads() == threads  # restored
+    # one line and one step of the progress bar per model: pooled non-private, pooled DP-SGD, each silo site
+    assert steps == [("baselines", k, 4) for k in range(1, 5)] and len(lines) == 4
     return config, found, calls
 
 
@@ -281,22 +284,17 @@ def test_running_the_baselines_imports_no_flower(tmp_path):
 
 
 @pytest.mark.slow
-def test_simulate_with_baselines_starts_them_from_the_federations_round_0_model_on_its_test_set(tmp_path):
-    # Execute: a federation through Flower's simulation runtime, then its baselines in the CLI's process
-    settings = [a for s in TINY if "rounds" not in s for a in ("--set", s)]
-    no_post = [a for s in ("robustness.enabled=false", "compression.enabled=false", "explain.enabled=false",
-                           "privacy.audit=false") for a in ("--set", s)]
-    proc = subprocess.run([sys.executable, "-m", "fedclinic.cli", "simulate", "--baselines", "--rounds", "1",
-                           *settings, *no_post, "--out", str(tmp_path), "--name", "e2e"],
-                          capture_output=True, text=True, timeout=900)
+def test_simulate_with_baselines_starts_them_from_the_federations_round_0_model_on_its_test_set(full_run):
+    # Execute (fixture): a federation through Flower's simulation runtime, then its baselines in the CLI's process
+    proc, run = full_run
     # Assert: the baselines' initial model scores on the server's test set what the ServerApp's round 0 scored
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((tmp_path / "e2e" / "results.json").read_text())
-    initial = json.loads((tmp_path / "e2e" / "baselines.json").read_text())["initial"]
+    results = json.loads((run / "results.json").read_text())
+    initial = json.loads((run / "baselines.json").read_text())["initial"]
     round_0 = results["rounds"][0]
     assert (initial["loss"], initial["accuracy"], initial["iou"]) == pytest.approx(
         (round_0["loss"], round_0["accuracy"], round_0["iou"]), rel=1e-6)
     assert set(results["baselines"]) == {"pooled", "silo"}
-    assert results["baselines"]["silo"]["sites"][0]["test"]["n"] == initial["n"] == 100
+    assert results["baselines"]["silo"]["sites"][0]["test"]["n"] == initial["n"] == 300
     assert "pooled, DP-SGD" in proc.stdout and "silo, worst site" in proc.stdout
-    assert "## Federated vs pooled vs silo" in (tmp_path / "e2e" / "report.md").read_text()
+    assert "## Federated vs pooled vs silo" in (run / "report.md").read_text()

@@ -146,3 +146,18 @@ def test_defaults_are_the_documented_default_run():
     assert (config.federation.sites, config.privacy.mode) == (5, "local")
     assert (config.privacy.target_epsilon, config.privacy.delta) == (8.0, 1e-5)
 
+
+
+def test_pinned_makes_paths_absolute_and_names_an_unnamed_run_once(tmp_path, monkeypatch):
+    from fedclinic.config import pinned
+
+    # Prepare: relative paths and no name, as a library user might give them
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ['output.dir="runs"', 'data.path="scans.npz"'])
+    # Execute
+    first = pinned(config)
+    # Assert: every process of the run means the same directory and file, whatever its working directory
+    assert first.output.dir == str(tmp_path / "runs") and first.data.path == str(tmp_path / "scans.npz")
+    assert first.output.name and pinned(first) == first
+    assert pinned(config, default_name="demo-1").output.name == "demo-1"
+    assert pinned(load_config(None, ['output.name="mine"'])).output.name == "mine"

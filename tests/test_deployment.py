@@ -13,7 +13,7 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedclinic.config import load_config
-from fedclinic.runtime.processes import descendants, with_env
+from fedclinic.runtime.processes import command_of, descendants, with_env
 from fedclinic.runtime.local import LocalDeployment
 from fedclinic.privacy.ledger import Ledger
 
@@ -30,13 +30,6 @@ def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 def sets(settings: list[str]) -> list[str]:
     return [arg for s in settings for arg in ("--set", s)]
-
-
-def command_of(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def deployment_config(tmp_path: Path, name: str, *settings: str):

@@ -71,3 +71,15 @@ def _anchors(text: str) -> set[str]:
     """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces to hyphens."""
     headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), flags=re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_the_outputs_page_names_every_key_of_the_results_schema():
+    from fedclinic.report.schema import schema_keys
+
+    # Prepare: the page's results.json section
+    doc = (ROOT / "docs" / "outputs.md").read_text()
+    section = doc[doc.index("## `results.json`"):]
+    # Execute
+    missing = [f"{cls}.{key}" for cls, keys in schema_keys().items() for key in keys if f"`{key}`" not in section]
+    # Assert
+    assert missing == []

@@ -161,7 +161,9 @@ def test_explain_writes_the_figure_and_scores_a_trained_model(trained, tmp_path)
     # Prepare
     model, test_set = trained
     # Execute
-    scores = explain(model, test_set, tmp_path / "run", per_class=2, device="cpu", seed=0)
+    steps = []
+    scores = explain(model, test_set, tmp_path / "run", per_class=2, device="cpu", seed=0,
+                     on_step=lambda *step: steps.append(step))
     # Assert: a PNG; numbers in [0, 1] over the 30 lesion images; the model's mode unchanged
     assert (tmp_path / "run" / "explanations.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lesions = int(np.isfinite(test_set.boxes).all(axis=1).sum())
@@ -173,3 +175,7 @@ def test_explain_writes_the_figure_and_scores_a_trained_model(trained, tmp_path)
     # even a few seconds of training put more IG evidence on the lesion than its share of the image
     ig = scores["integrated_gradients"]
     assert ig["mass_in_box"] > ig["chance_mass"]
+    # the progress bar's steps: the figure, then each method with its score
+    assert [(done, total) for _, done, total in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert steps[1][0] == f"Integrated Gradients: {ig['mass_in_box']:.2f} of the mass in the lesion box " \
+                          f"(chance {ig['chance_mass']:.2f})"

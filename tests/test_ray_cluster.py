@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.runtime.processes import descendants, free_port, stop_processes, with_env
+from fedclinic.runtime.processes import command_of, descendants, free_port, stop_processes, with_env
 
 TINY = ["data.site-size=150", "data.test-size=60", "training.batch-size=32", "robustness.enabled=false",
         "compression.enabled=false", "explain.enabled=false", "privacy.audit=false"]
@@ -57,14 +57,7 @@ def test_a_simulation_joins_an_existing_ray_cluster_and_leaves_it_running(ray_he
     assert len(driver_logs(ray_head["temp"])) > len(before)
     # ...and stopping the run left the cluster up
     alive = {pid for pid in ray_head["pids"] if Path(f"/proc/{pid}").exists()}
-    assert any("gcs_server" in _cmdline(pid) for pid in alive)
+    assert any("gcs_server" in command_of(pid) for pid in alive)
     status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", ray_head["address"]],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""

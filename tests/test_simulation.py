@@ -1,6 +1,8 @@
 """End to end: `fedclinic simulate` through Flower's real simulation runtime, as a user runs it."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -8,15 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 import fedclinic
-from fedclinic.runtime.processes import stop_processes, with_env
 from fedclinic.privacy.ledger import Ledger
-from test_deployment import command_of
+from fedclinic.runtime.processes import command_of, stop_processes, with_env
 
 # the steps after training (attack, compress, explain) are tested on their own and in one run (full_run)
 NO_POST = ["--set", "robustness.enabled=false", "--set", "compression.enabled=false", "--set", "explain.enabled=false"]
@@ -99,37 +101,44 @@ def test_an_out_folder_that_is_a_file_is_refused_in_one_sentence(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "kill"])
-def test_ctrl_c_or_kill_stops_every_process_the_run_started(tmp_path, stop):
-    # Ctrl-C's default action, also when this test runs in a background job (whose shell ignores SIGINT,
-    # and a process that starts with SIGINT ignored never turns it into KeyboardInterrupt)
-    proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", "simulate", "--sites", "2", "--rounds", "3",
-                             "--out", str(tmp_path), "--name", "stopme", *SMALL],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+def test_ctrl_c_or_kill_stops_every_process_the_run_started(tmp_path):
+    # Prepare: two runs started together, one to be stopped with Ctrl-C, one with kill (SIGTERM). Ctrl-C's
+    # default action, also when this test runs in a background job (whose shell ignores SIGINT, and a process
+    # that starts with SIGINT ignored never turns it into KeyboardInterrupt)
+    stops = {"ctrl-c": signal.SIGINT, "kill": signal.SIGTERM}
+    procs = {name: subprocess.Popen([sys.executable, "-m", "fedclinic.cli", "simulate", "--sites", "2", "--rounds",
+                                     "3", "--out", str(tmp_path), "--name", name, *SMALL],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+             for name in stops}
     try:
-        run = tmp_path / "stopme"
-        deadline = time.monotonic() + 120
-        while not processes_started_for(run) and time.monotonic() < deadline:
+        # Execute: each run is stopped once its ServerApp has scored the initial model (the progress file's
+        # first line), with the SuperLink, the simulation and Ray running
+        deadline, ended = time.monotonic() + 180, {}
+        while len(ended) < len(procs) and time.monotonic() < deadline:
+            for name, proc in procs.items():
+                progress = tmp_path / name / "progress.jsonl"
+                if name not in ended and progress.exists() and progress.read_text().count("\n") >= 1:
+                    assert processes_started_for(tmp_path / name), f"{name}: the SuperLink is not running"
+                    proc.send_signal(stops[name])
+                    ended[name] = proc
             time.sleep(0.5)
-        assert processes_started_for(run), "the SuperLink never started"
-        progress = run / "progress.jsonl"  # its first line: the ServerApp has scored the initial model
-        while not (progress.exists() and progress.read_text().count("\n") >= 1) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert progress.exists(), "the run never started"
-        proc.send_signal(stop)
-        out, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130, out + err
-        assert "interrupted" in err
-        assert processes_started_for(run) == []
+        assert set(ended) == set(procs), f"never started: {set(procs) - set(ended)}"
+        # Assert: each run says it was interrupted, exits 130 and leaves nothing running
+        for name, proc in procs.items():
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 130, f"{name}: " + out + err
+            assert "interrupted" in err, name
+            assert processes_started_for(tmp_path / name) == [], name
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for name, proc in procs.items():
+            if proc.poll() is None:
+                proc.kill()
+            stop_processes(with_env(f"FLWR_HOME={tmp_path / name / '.flwr'}"))
 
 
-@pytest.mark.slow
-def test_a_users_npz_without_boxes_is_split_among_sites_and_iou_is_not_applicable(tmp_path):
-    # Prepare: a MedMNIST-style RGB file, labels N x 1, no *_boxes keys
+def write_scans(path: Path) -> Path:
+    """A MedMNIST-style RGB file: 600 / 60 / 200 images of 28 x 28, labels N x 1, no *_boxes keys."""
     import numpy as np
 
     rng = np.random.default_rng(1)
@@ -143,53 +152,85 @@ def test_a_users_npz_without_boxes_is_split_among_sites_and_iou_is_not_applicabl
     arrays = {}
     for name, n in (("train", 600), ("val", 60), ("test", 200)):
         arrays[f"{name}_images"], arrays[f"{name}_labels"] = split(n)
-    np.savez(tmp_path / "scans.npz", **arrays)
-    # Execute
-    proc = simulate("--data", str(tmp_path / "scans.npz"), "--sites", "2", "--rounds", "1", "--out", str(tmp_path),
-                    "--name", "npz", "--set", "data.partitioner=iid", "--set", "training.batch-size=64", *NO_POST)
-    # Assert
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((tmp_path / "npz" / "results.json").read_text())
-    assert results["final"]["iou"] is None  # not applicable: the file has no boxes
-    assert sum(s["n"] for s in results["sites"]) == 540  # 600 train images, 10% kept for validation
-    assert "n/a" in (tmp_path / "npz" / "report.md").read_text()
-    assert fedclinic.load_model(tmp_path / "npz" / "global_model.pt").arch["in_channels"] == 3
-    # the last line names what the run left: compression was off, so no int8 model
-    last = proc.stdout.strip().splitlines()[-1]
-    assert last.startswith("run directory:") and "global_model.pt" in last and "report.html" in last
-    assert "int8" not in last and not (tmp_path / "npz" / "global_model.int8.onnx").exists()
+    np.savez(path, **arrays)
+    return path
 
 
-def budget_plan(capsys, *args: str) -> list[dict]:
+def budget_plan(*args: str) -> list[dict]:
     from fedclinic.cli import main
 
-    assert main(["budget", "--plan", "--json", *args]) == 0
-    return json.loads(capsys.readouterr().out)["sites"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["budget", "--plan", "--json", *args]) == 0
+    return json.loads(out.getvalue())["sites"]
+
+
+@dataclass(frozen=True)
+class BudgetRun:
+    proc: subprocess.CompletedProcess
+    run: Path
+    first_round_epsilon: float  # what site 1 spends in one round
+    budget: float  # site 1's own budget: between one round's epsilon and two rounds'
+    predicted: list[dict]  # `budget --plan` for the run's settings
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory) -> BudgetRun:
+    """One real simulation of a user's .npz file (no boxes) split among 3 sites for 3 rounds, with a fixed sigma,
+    record-level DP at the sites and site-level DP on the server; site 1 agrees to a budget between the epsilon
+    it spends in one round and in two. Shared by the tests of the file and of the budget."""
+    tmp = tmp_path_factory.mktemp("budget")
+    scans = write_scans(tmp / "scans.npz")
+    common = ["--data", str(scans), "--sites", "3", "--rounds", "3", "--set", "data.partitioner=iid",
+              "--set", "training.batch-size=64", "--set", "privacy.mode=both", "--set", "privacy.noise-multiplier=1.5",
+              "--set", "federation.min-sites=1", *NO_POST]
+    eps = budget_plan(*common)[1]["epsilon_by_round"]
+    budget = round((eps[0] + eps[1]) / 2, 3)
+    common += ["--set", f'privacy.site-budgets="1={budget}"']
+    predicted = budget_plan(*common)
+    run = tmp / "budget"
+    try:
+        yield BudgetRun(simulate(*common, "--out", str(tmp), "--name", "budget"), run, eps[0], budget, predicted)
+    finally:
+        stop_processes(with_env(f"FLWR_HOME={run / '.flwr'}"))
 
 
 @pytest.mark.slow
-def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_has_its_own_epsilon(tmp_path, capsys):
-    # Prepare: a fixed sigma, record-level DP at the sites and site-level DP on the server;
-    # site 1 agrees to a budget between the epsilon it spends in one round and in two
+def test_a_users_npz_without_boxes_is_split_among_sites_and_iou_is_not_applicable(budget_run):
+    # Execute (fixture): a MedMNIST-style RGB file, labels N x 1, no *_boxes keys, split among 3 sites
+    proc, run = budget_run.proc, budget_run.run
+    # Assert
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert results["final"]["iou"] is None  # not applicable: the file has no boxes
+    assert sum(s["n"] for s in results["sites"]) == 540  # 600 train images, 10% kept for validation
+    assert "n/a" in (run / "report.md").read_text()
+    assert fedclinic.load_model(run / "global_model.pt").arch["in_channels"] == 3
+    # the last line names what the run left: compression was off, so no int8 model
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("run directory:") and "global_model.pt" in last and "report.html" in last
+    assert "int8" not in last and not (run / "global_model.int8.onnx").exists()
+    assert processes_started_for(run) == []
+
+
+@pytest.mark.slow
+def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_has_its_own_epsilon(budget_run,
+                                                                                                   capsys):
+    # Prepare (fixture): the calculator's plan for the run
     from fedclinic.privacy.accounting import epsilon
 
-    common = ["--sites", "3", "--rounds", "3", "--set", "privacy.mode=both", "--set", "privacy.noise-multiplier=1.5",
-              "--set", "federation.min-sites=1", *SMALL]
-    eps = budget_plan(capsys, *common)[1]["epsilon_by_round"]
-    budget = round((eps[0] + eps[1]) / 2, 3)
-    common += ["--set", f'privacy.site-budgets="1={budget}"']
-    predicted = budget_plan(capsys, *common)
+    predicted, budget = budget_run.predicted, budget_run.budget
     assert [site["rounds_within_budget"] for site in predicted] == [3, 1, 3]
     assert [site["finetunes"] for site in predicted] == [True, False, True]  # site 1 cannot fine-tune either
-    # Execute
-    proc = simulate(*common, "--out", str(tmp_path), "--name", "budget")
+    # Execute (fixture)
+    proc, run = budget_run.proc, budget_run.run
     # Assert: site 1 declined round 2 and spent exactly its first round, the others went on
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    run = tmp_path / "budget"
     results = json.loads((run / "results.json").read_text())
     sites = {s["site"]: s for s in results["sites"]}
     assert (sites[1]["stopped_in_round"], sites[1]["rounds_trained"]) == (2, 1)
-    assert sites[1]["epsilon"] == pytest.approx(eps[0], rel=1e-6) and sites[1]["epsilon"] <= budget
+    assert sites[1]["epsilon"] == pytest.approx(budget_run.first_round_epsilon, rel=1e-6)
+    assert sites[1]["epsilon"] <= budget
     assert [sites[k]["rounds_trained"] for k in (0, 2)] == [3, 3] and results["stop_reason"] is None
     assert "site 1 stopped before round 2" in proc.stdout
     from fedclinic.cli import main
@@ -236,10 +277,15 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
     # `simulate --resume`, which must end with the same number of rounds, each recorded and spent once
     from fedclinic.server.checkpoint import CheckpointError, load_checkpoint
 
-    fedadam = ["--sites", "3", "--rounds", "3", "--out", str(tmp_path), *SMALL, "--set", "privacy.audit=false",
-               "--set", "federation.strategy=fedadam", "--set", "federation.server-learning-rate=0.01"]
+    settings = ["federation.sites=3", "federation.rounds=3", *SMALL[1::2], "privacy.audit=false",
+                "federation.strategy=fedadam", "federation.server-learning-rate=0.01"]
+    fedadam = ["--out", str(tmp_path), *[a for s in settings for a in ("--set", s)]]
     run = tmp_path / "killed"
-    markers = [f"FLWR_HOME={tmp_path / name / '.flwr'}" for name in ("whole", "killed")]
+    library = tmp_path / "library"  # where the uninterrupted run goes, named by the time it starts
+
+    def markers() -> list[str]:
+        runs = [run, *(library.iterdir() if library.exists() else [])]
+        return [f"FLWR_HOME={path / '.flwr'}" for path in runs]
 
     def checkpointed() -> int:
         try:
@@ -248,18 +294,23 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
             return -1
 
     try:
-        whole = simulate(*fedadam, "--name", "whole")
-        assert whole.returncode == 0, whole.stdout + whole.stderr
+        # the uninterrupted run through the library call, unnamed, which returns the run's typed results.json
+        whole = fedclinic.run(fedclinic.load_config(None, [*settings, f"output.dir={json.dumps(str(library))}"]))
+        assert [path.name for path in library.iterdir()] == [whole.run_dir.name] == [whole.run]
+        assert [r.round for r in whole.rounds] == [0, 1, 2, 3] and len(whole.sites) == 3
+        assert whole.final.accuracy == whole.rounds[-1].accuracy
+        assert whole.to_dict() == json.loads((whole.run_dir / "results.json").read_text())
         returncode, err = kill_the_server(["simulate", *fedadam, "--name", "killed"], run,
                                           when=lambda: checkpointed() >= 1)
         # the killed run is reported as a failure, with the reason, and leaves its checkpoint
         assert returncode == 2 and "fedclinic: error:" in err
+        assert "the process running the ServerApp (flwr-simulation) exited while the run was 'running'" in err, err
         assert checkpointed() == 1 and not (run / "results.json").exists()
         # Execute
         resumed = simulate("--resume", str(run))
         # Assert: the same global model, tensor for tensor, and the strategy recorded with the run's config
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        expected = fedclinic.load_model(tmp_path / "whole" / "global_model.pt").state_dict()
+        expected = fedclinic.load_model(whole.run_dir / "global_model.pt").state_dict()
         got = fedclinic.load_model(run / "global_model.pt").state_dict()
         assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
         results = json.loads((run / "results.json").read_text())
@@ -274,7 +325,7 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
                                                                    (4, "fine-tuning")]
         assert results["config"]["federation.strategy"] == "fedadam"
         assert results["config"]["federation.server-learning-rate"] == 0.01
-        assert all(with_env(marker) == set() for marker in markers)
+        assert all(with_env(marker) == set() for marker in markers())
     finally:  # a failed assertion above leaves nothing running either
-        for marker in markers:
+        for marker in markers():
             stop_processes(with_env(marker))

@@ -178,7 +178,7 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_where_it_stopped(tmp_path
     # Prepare: the second simulation is interrupted
     calls = []
 
-    def interrupted_second(config, run_dir, say):
+    def interrupted_second(config, say):
         calls.append(config.output.name)
         if config.output.name == "eps-2":
             raise KeyboardInterrupt
@@ -189,7 +189,7 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_where_it_stopped(tmp_path
     # Execute
     first = cli.main(command)
     err = capsys.readouterr().err
-    monkeypatch.setattr(cli_run, "run_once", lambda config, run_dir, say: calls.append(config.output.name) or fake_run(config))
+    monkeypatch.setattr(cli_run, "run_once", lambda config, say: calls.append(config.output.name) or fake_run(config))
     second = cli.main(command)
     out = capsys.readouterr().out
     # Assert

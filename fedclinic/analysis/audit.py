@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -185,11 +186,12 @@ def plot_roc(audit: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def audit_run(run_dir: str | Path) -> dict:
+def audit_run(run_dir: str | Path, *, on_site: Callable[[int, int], None] | None = None) -> dict:
     """Audit a run directory's global model against every site's data; writes audit.json and audit_roc.png.
 
     Returns `attack_summary` pooled over the sites, plus "sites" (each site's
-    AUC and set sizes) and "nonmembers_from".
+    AUC and set sizes) and "nonmembers_from". `on_site(done, total)` is told
+    of each site audited.
     """
     run_dir = Path(run_dir)
     config, model = _load_run(run_dir)
@@ -204,6 +206,8 @@ def audit_run(run_dir: str | Path) -> dict:
         nonmember_losses.append(example_losses(model, nonmembers, box_weight=box_weight, device=device))
         _, _, auc = roc(member_losses[-1], nonmember_losses[-1])
         sites.append({"site": site, "auc": auc, "members": len(members), "nonmembers": len(nonmembers)})
+        if on_site is not None:
+            on_site(site + 1, config.federation.sites)
     audit = attack_summary(np.concatenate(member_losses), np.concatenate(nonmember_losses))
     audit.update(sites=sites, nonmembers_from=source)
     (run_dir / "audit.json").write_text(json.dumps(audit, indent=2))

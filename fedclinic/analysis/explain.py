@@ -235,14 +235,24 @@ def plot_explanations(model: nn.Module, data: ImageSet, path: Path, *, per_class
 
 
 def explain(model: nn.Module, data: ImageSet, out_dir: str | Path, *, per_class: int = 3,
-            device: str | torch.device = "cpu", seed: int = 0) -> dict[str, dict]:
+            device: str | torch.device = "cpu", seed: int = 0,
+            on_step: Callable[[str, int, int], None] | None = None) -> dict[str, dict]:
     """Write `out_dir`/explanations.png and return the pointing scores of every method (see `pointing_scores`).
 
-    `model` must already live on `device`; its train/eval mode is left as it was.
+    `model` must already live on `device`; its train/eval mode is left as it was. `on_step(line, done, total)`
+    is told of each part as it is done: the figure, then each method's scores.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1 sample per class, got {per_class}")
+    step = on_step or (lambda line, done, total: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_explanations(model, data, out_dir / "explanations.png", per_class=per_class, seed=seed, device=device)
-    return {method: pointing_scores(model, data, method=method, device=device) for method in METHODS}
+    total = 1 + len(METHODS)
+    step(f"explanations.png: {per_class} image(s) per class", 1, total)
+    found = {}
+    for done, method in enumerate(METHODS, start=2):
+        found[method] = pointing_scores(model, data, method=method, device=device)
+        step(f"{METHOD_TITLES[method]}: {found[method]['mass_in_box']:.2f} of the mass in the lesion box "
+             f"(chance {found[method]['chance_mass']:.2f})", done, total)
+    return found

@@ -7,11 +7,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Callable
 
-from fedclinic.cli.options import add_run_options, check_config, progress_printer, refuse_changes, resolve
+from fedclinic.api import baselines_into_run, check_config, existing_results
+from fedclinic.cli.options import add_run_options, progress_printer, refuse_changes, resolve
 from fedclinic.config import Config, ConfigError, load_config, replace
 
 # what `fedclinic baselines RUN_DIR` may set differently from the run: where it trains and how loudly
@@ -46,7 +45,7 @@ def baselines(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir).resolve()
         config = run_dir_config(args, run_dir)
         check_config(config)
-        read_results(run_dir)  # refuses an unreadable results.json before anything trains
+        existing_results(run_dir)  # refuses an unreadable results.json before anything trains
     else:
         config = resolve(args)
         check_config(config)
@@ -57,7 +56,7 @@ def baselines(args: argparse.Namespace) -> int:
         (run_dir / "config.toml").write_text(config.to_toml())
     say = progress_printer(config)
     say(f"fedclinic baselines: pooled and silo, {config.federation.sites} sites -> {run_dir}")
-    results = baselines_into_run(run_dir, config, say)
+    results = baselines_into_run(run_dir, config, say, on_step=say.step)
     print(format_comparison(results))
     written = "results.json, " if "rounds" in results else "config.toml, "
     print(f"run directory: {run_dir}  (baselines.json, {written}report.md, report.html)")
@@ -74,38 +73,3 @@ def run_dir_config(args: argparse.Namespace, run_dir: Path) -> Config:
         raise ConfigError(f"{run_dir} holds no config.toml, so it is not a fedclinic run directory")
     config = load_config(run_dir / "config.toml", [*args.set, *(["output.quiet=true"] if args.quiet else [])])
     return replace(config, output={"dir": str(run_dir.parent), "name": run_dir.name})
-
-
-def read_results(run_dir: Path) -> dict | None:
-    """The run's results.json, None when there is none; an unreadable one is refused."""
-    path = run_dir / "results.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path} cannot be read as JSON ({err}); refusing to overwrite it") from None
-
-
-def baselines_into_run(run_dir: Path, config: Config, say: Callable[[str], None], *,
-                       non_private: bool = True) -> dict:
-    """Train the baselines of `config`, write baselines.json into `run_dir`, and add them to its results.json and
-    report (a report of the baselines alone when the directory holds no federation); returns the results."""
-    from fedclinic import __version__
-    from fedclinic.baselines import run_baselines
-    from fedclinic.report import json_safe, write_json, write_results
-    from fedclinic.report.text import write_reports
-
-    found = json_safe(run_baselines(config, say, non_private=non_private))
-    write_json(run_dir / "baselines.json", {"fedclinic_version": __version__, "run": run_dir.name,
-                                            "config": config.to_flat(), **found})
-    results = read_results(run_dir)
-    section = {"pooled": found["pooled"], "silo": found["silo"]}
-    if results is None:  # no federation here: the report is of the baselines alone
-        write_reports({"run": run_dir.name, "baselines": section}, run_dir)
-        return {"run": run_dir.name, "baselines": section}
-    results["baselines"] = section
-    write_results(run_dir, results)
-    write_reports(results, run_dir)
-    return results
-

@@ -10,9 +10,8 @@ import argparse
 import sys
 import time
 
-from fedclinic.cli.options import (add_run_options, check_config, describe_privacy, progress_printer, resolve,
-                                   show_row)
-from fedclinic.cli.privacy import audit_into_run
+from fedclinic.api import audit_into_run, check_config
+from fedclinic.cli.options import add_run_options, describe_privacy, progress_printer, resolve, show_row
 from fedclinic.cli.run import print_results
 
 
@@ -54,7 +53,7 @@ def demo(args: argparse.Namespace) -> int:
     results = with_wall_time(run_dir, time.time() - started)
     if config.privacy.audit:
         say("  membership-inference audit of the final model (possible here: every site's file is on this machine) ...")
-        results = audit_into_run(run_dir)
+        results = audit_into_run(run_dir, on_step=say.step)
     print_results(results, run_dir)
     print(f"deployment: {run_dir / 'deployment'}  (commands.txt, certs, each site's data file, ledger and log)")
     return 0

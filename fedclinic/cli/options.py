@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from dataclasses import replace as dc_replace
 from pathlib import Path
-from typing import Callable
 
 from fedclinic.cli.progress import Progress
-from fedclinic.config import Config, ConfigError, check_sites, load_config, parse_override
+from fedclinic.config import Config, ConfigError, load_config, parse_override, pinned
 
 
 def add_run_options(p: argparse.ArgumentParser, *, name_help: str) -> None:
@@ -41,14 +39,7 @@ def resolve(args: argparse.Namespace, *, default_name: str | None = None, defaul
     config = load_config(args.config, overrides, defaults=defaults)
     if config.output.resume and not getattr(args, "resume", None):
         raise ConfigError("output.resume is set by --resume RUN_DIR, which also checks the run's checkpoint; use that")
-    name = config.output.name or default_name or time.strftime("%Y%m%d-%H%M%S")
-    data_path = str(Path(config.data.path).resolve()) if config.data.path else ""
-    test_path = str(Path(config.data.test_path).resolve()) if config.data.test_path else ""
-    return dc_replace(
-        config,
-        data=dc_replace(config.data, path=data_path, test_path=test_path),
-        output=dc_replace(config.output, dir=str(Path(config.output.dir).resolve()), name=name),
-    )
+    return pinned(config, default_name=default_name)
 
 
 # what a resumed run may set differently: how it waits, what it prints, the steps after training
@@ -81,25 +72,6 @@ def resolve_resume(args: argparse.Namespace) -> Config:
     return dc_replace(config, output=dc_replace(config.output, dir=str(run_dir.parent), name=run_dir.name, resume=True))
 
 
-def check_budget(config: Config, smallest_site: int) -> None:
-    """Refuse a privacy target no noise level can meet, before any site starts."""
-    if not config.privacy.local or config.privacy.noise_multiplier:
-        return  # a fixed sigma needs no calibration; the sites' hard stop enforces the budget
-    from fedclinic.privacy.accounting import reachable, sample_rate, steps_per_epoch
-
-    t, p = config.training, config.privacy
-    target = min([p.target_epsilon, *p.budgets().values()])
-    # the smallest site samples at the highest rate: if it can meet the target, every site can
-    q = sample_rate(num_examples=smallest_site, batch_size=t.batch_size)
-    epochs = config.federation.rounds * t.local_epochs + config.personalize.epochs  # the fine-tuning is planned for too
-    steps = epochs * steps_per_epoch(num_examples=smallest_site, batch_size=t.batch_size)
-    if not reachable(target_epsilon=target, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant):
-        raise ConfigError(
-            f"no noise level reaches epsilon={target} at delta={p.delta} for the smallest site "
-            f"({smallest_site} images, sample rate {q:.4g}, {steps} steps); raise privacy.target-epsilon"
-        )
-
-
 def describe_privacy(config: Config) -> str:
     p = config.privacy
     parts = []
@@ -108,15 +80,6 @@ def describe_privacy(config: Config) -> str:
     if p.central:
         parts.append(f"site-level central DP (noise {p.central_noise_multiplier:g}, clip {p.central_clipping_norm:g})")
     return " + ".join(parts) or "privacy OFF (non-private baseline)"
-
-
-def check_config(config: Config) -> None:
-    """Refuse what the sites' actual sizes or the privacy budget make impossible, before anything runs."""
-    from fedclinic.data import site_sizes
-
-    sizes = site_sizes(config.data, config.federation.sites)
-    check_sites(config, sizes)
-    check_budget(config, min(sizes))
 
 
 def progress_printer(config: Config) -> Progress:

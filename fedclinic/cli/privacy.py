@@ -131,6 +131,8 @@ def audit_parser(sub) -> None:
 def audit(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if (run_dir / "results.json").exists():
+        from fedclinic.api import audit_into_run
+
         found = audit_into_run(run_dir)["audit"]
     else:  # a run directory from elsewhere: just the model and its config
         from fedclinic.analysis.audit import audit_run
@@ -148,18 +150,6 @@ def format_audit(found: dict) -> str:
     return (f"membership inference (loss threshold), {found['members']} members vs {found['nonmembers']} "
             f"non-members ({found['nonmembers_from']}): AUC {found['auc']:.3f}, "
             f"TPR {found['tpr_at_1pct_fpr']:.3f} at 1% FPR, {found['tpr_at_01pct_fpr']:.3f} at 0.1% FPR")
-
-
-def audit_into_run(run_dir: Path) -> dict:
-    """Audit a finished run and add the result to its results.json and report.md; returns the results."""
-    from fedclinic.analysis.audit import audit_run
-    from fedclinic.report import update_results
-    from fedclinic.report.text import write_reports
-
-    audit = audit_run(run_dir)
-    results = update_results(run_dir, {"audit": {k: v for k, v in audit.items() if k != "curve"}})
-    write_reports(results, run_dir)
-    return results
 
 
 def ledger_parser(sub) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from fedclinic.cli.baselines import baselines_into_run
-from fedclinic.cli.options import (add_run_options, check_config, describe_privacy, progress_printer, resolve,
-                                   resolve_resume, show_row)
-from fedclinic.cli.privacy import audit_into_run, format_audit
+from fedclinic import api
+from fedclinic.api import baselines_into_run, check_config
+from fedclinic.cli.options import add_run_options, describe_privacy, progress_printer, resolve, resolve_resume, show_row
+from fedclinic.cli.privacy import format_audit
 from fedclinic.cli.progress import Progress
 from fedclinic.config import DEFAULTS, Config, ConfigError
 
@@ -31,25 +30,11 @@ def simulate_parser(sub) -> None:
                         "the same run directory, as `fedclinic baselines RUN_DIR` does")
 
 
-def run_once(config: Config, run_dir: Path, say: Progress) -> dict:
-    """One simulation of `config` into `run_dir`; returns its results.json, with the wall time added."""
-    from fedclinic.runtime import simulation
-    from fedclinic.data import site_data
-    from fedclinic.report import with_wall_time
-    from fedclinic.report.plots import plot_label_distribution, plot_site_samples
-    fed = config.federation
-    # what the sites hold: simulation only, the server never sees site data in deployment
-    sites = [site_data(config.data, k, fed.sites)[0] for k in range(fed.sites)]
-    plot_label_distribution(sites, run_dir / "label_distribution.png")
-    plot_site_samples(sites, run_dir / "site_samples.png")
-    say("  starting Flower's simulation runtime ...")
-    started = time.time()
-    simulation.run(config, run_dir, on_progress=lambda row: show_row(say, row, fed.rounds))
-    results = with_wall_time(run_dir, time.time() - started)
-    if config.privacy.audit:
-        say("  membership-inference audit of the final model ...")
-        results = audit_into_run(run_dir)
-    return results
+def run_once(config: Config, say: Progress, *, baselines: bool = False) -> dict:
+    """fedclinic.run of `config`, its lines and bars shown by `say`; returns its results.json."""
+    rounds = config.federation.rounds
+    return api.run(config, baselines=baselines, say=say, on_progress=lambda row: show_row(say, row, rounds),
+                   on_step=say.step).to_dict()
 
 
 def personalization_line(results: dict) -> str:
@@ -98,10 +83,7 @@ def simulate(args: argparse.Namespace) -> int:
     fed = config.federation
     what = "resuming" if config.output.resume else "fedclinic:"
     say(f"{what} {fed.sites} sites, {fed.rounds} rounds, {describe_privacy(config)} -> {run_dir}")
-    results = run_once(config, run_dir, say)
-    if args.baselines:
-        say("  pooled and silo baselines, in this process ...")
-        results = baselines_into_run(run_dir, config, say)
+    results = run_once(config, say, baselines=args.baselines)
     print_results(results, run_dir)
     return 0
 
@@ -158,7 +140,6 @@ def sweep_parser(sub) -> None:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    from fedclinic.report import run_directory
     from fedclinic.sweep import build_points, default_name, format_points, parse_values, reusable, run_points, write_sweep
 
     if args.epsilons is None and args.noise_multipliers is None:
@@ -177,12 +158,12 @@ def sweep(args: argparse.Namespace) -> int:
     say(f"fedclinic sweep: {len(points)} points ({', '.join(p.label for p in points)}), "
         f"{base.federation.sites} sites, {base.federation.rounds} round(s) each -> {sweep_dir}")
     # the non-private pooled model once, at the baseline point; every private point its DP-SGD pooled model
-    add_baselines = (lambda point: baselines_into_run(point.run_dir, point.config, say,
+    add_baselines = (lambda point: baselines_into_run(point.run_dir, point.config, say, on_step=say.step,
                                                       non_private=point.config.privacy.mode == "off")
                      ) if args.baselines else None
     say.step("sweep points", 0, len(points))
     try:
-        rows = run_points(points, run_point=lambda config: run_once(config, run_directory(config), say), say=say,
+        rows = run_points(points, run_point=lambda config: run_once(config, say), say=say,
                           add_baselines=add_baselines, on_done=lambda done, total: say.step("sweep points", done, total))
     except KeyboardInterrupt:
         done = sum(reusable(point) for point in points)

@@ -220,3 +220,15 @@ def replace(config: Config, **sections: Mapping[str, Any]) -> Config:
     """A copy with some fields changed: replace(cfg, privacy={"mode": "off"})."""
     parts = {name: dataclasses.replace(getattr(config, name), **values) for name, values in sections.items()}
     return dataclasses.replace(config, **parts)
+
+
+def pinned(config: Config, *, default_name: str | None = None) -> Config:
+    """The config with its paths made absolute and its run named (`default_name`, else the time), so that every
+    process of the run (the command, the ServerApp, the sites, whatever their working directory) means the same
+    run directory and files."""
+    import time
+
+    name = config.output.name or default_name or time.strftime("%Y%m%d-%H%M%S")
+    absolute = lambda path: str(Path(path).resolve()) if path else ""  # noqa: E731
+    return replace(config, data={"path": absolute(config.data.path), "test_path": absolute(config.data.test_path)},
+                   output={"dir": str(Path(config.output.dir).resolve()), "name": name})

@@ -7,6 +7,7 @@ every round it trained in, so its epsilon composes over the whole training.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Iterable
@@ -51,8 +52,16 @@ def epsilon(history: Iterable[Release], *, delta: float, accountant: str = "rdp"
     history = merged(history)
     if not history:
         return 0.0
+    return _epsilon(tuple(history), float(delta), accountant)
+
+
+# Pure functions of their arguments, and a site asks the same questions again: the epsilon after its next
+# round is the epsilon of its ledger a round later, and every process of a run plans the same sites.
+# Opacus's RDP evaluation at a sample rate of 1/2 costs about 0.2 s, its calibration about 3 s.
+@functools.lru_cache(maxsize=1024)
+def _epsilon(history: tuple[Release, ...], delta: float, accountant: str) -> float:
     acc = make_accountant(accountant)
-    acc.history = history
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 
@@ -66,13 +75,25 @@ def sample_rate(*, num_examples: int, batch_size: int) -> float:
     return 1 / steps_per_epoch(num_examples=num_examples, batch_size=batch_size)
 
 
+# the first upper bracket of Opacus's calibration (get_noise_multiplier doubles sigma from 10)
+FIRST_BRACKET = 20.0
+
+
 def reachable(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> bool:
-    """Whether any noise level (up to the one Opacus's calibration tries last) meets the target."""
+    """Whether any noise level (up to the one Opacus's calibration tries last) meets the target.
+
+    Epsilon falls as sigma grows, so the target is reachable when Opacus's
+    first bracket already meets it (almost always, and cheap), else exactly
+    when its last one does (at a sample rate of 1/2 that evaluation alone
+    takes seconds).
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
-        return epsilon([(MAX_SIGMA, sample_rate, steps)], delta=delta, accountant=accountant) <= target_epsilon
+        return any(epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant) <= target_epsilon
+                   for sigma in (FIRST_BRACKET, MAX_SIGMA))
 
 
+@functools.lru_cache(maxsize=256)
 def calibrate_noise(
     *, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:

@@ -23,6 +23,7 @@ from fedclinic.atomic import atomic_file
 from fedclinic.config import Config, ConfigError
 from fedclinic.model import save_model
 from fedclinic.report.plots import plot_central, plot_epsilon
+from fedclinic.report.schema import Results
 from fedclinic.report.text import format_metric, format_table, write_reports  # noqa: F401 (format_table: for the CLI)
 
 
@@ -46,8 +47,14 @@ def write_json(path: Path, value: dict) -> None:
 
 
 def write_results(run_dir: Path, results: dict) -> None:
-    """The run's results.json: the one place that writes it."""
+    """The run's results.json: the one place that writes it, and only what the schema (report/schema.py) allows."""
+    Results.from_dict(results)
     write_json(Path(run_dir) / "results.json", results)
+
+
+def read_results(run_dir: Path) -> Results:
+    """The run's results.json, typed; SchemaError when it does not have the schema's keys."""
+    return Results.from_dict(json.loads((Path(run_dir) / "results.json").read_text()), run_dir=Path(run_dir))
 
 
 def update_results(run_dir: Path, changes: dict) -> dict:

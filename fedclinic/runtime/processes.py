@@ -89,6 +89,14 @@ def with_env(marker: str) -> set[int]:
     return pids
 
 
+def command_of(pid: int) -> str:
+    """The command line of a live process, words joined by spaces ("" once it is gone)."""
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _signal_all(pids: set[int], sig: int) -> None:
     for pid in pids:
         try:

@@ -13,11 +13,12 @@ instead of starting its own, and stopping the run leaves the cluster up.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable
 
 from fedclinic.config import Config
-from fedclinic.runtime.processes import Daemon, FlowerError, free_port, stop_all
+from fedclinic.runtime.processes import Daemon, FlowerError, command_of, free_port, stop_all, with_env
 from fedclinic.runtime.runs import Connection, follow, submit
 
 
@@ -58,6 +59,34 @@ class LocalSuperLink:
         stop_all([self.daemon], self.connection.flwr_home)
 
 
+class ServerWatch:
+    """Fails the run within seconds when the process that runs the ServerApp (flwr-simulation) dies mid-run.
+
+    Flower marks such a run failed only once the process's heartbeats have
+    stopped for two intervals (about a minute); this command started every
+    process of the run, so it looks. A process gone while the SuperLink still
+    calls the run unfinished `grace` seconds later was killed (or ran out of
+    memory): FlowerError.
+    """
+
+    def __init__(self, connection: Connection, run_id: int, *, grace: float = 5.0) -> None:
+        self.connection, self.run_id, self.grace = connection, run_id, grace
+        self.marker = f"FLWR_HOME={connection.flwr_home}"
+        self.seen, self.gone_since = False, None
+
+    def __call__(self) -> None:
+        if any("flwr-simulation" in command_of(pid) for pid in with_env(self.marker)):
+            self.seen, self.gone_since = True, None
+        elif self.seen and self.gone_since is None:
+            self.gone_since = time.monotonic()
+        elif self.seen and time.monotonic() - self.gone_since > self.grace:
+            status = self.connection.status(self.run_id)
+            if not status.startswith("finished"):
+                raise FlowerError(f"the process running the ServerApp (flwr-simulation) exited while the run was "
+                                  f"{status!r}: killed, or out of memory?")
+            self.seen = False  # it ended the run first: the log stream ends by itself
+
+
 def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | None = None) -> None:
     """Run one federation through Flower's simulation runtime; returns when the run has completed."""
     run_config = run_dir / "run-config.toml"
@@ -68,6 +97,6 @@ def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | Non
     with LocalSuperLink(run_dir) as link:
         try:
             run_id = submit(link.connection, run_config, federation)
-            follow(link.connection, run_id, run_dir, on_progress)
+            follow(link.connection, run_id, run_dir, on_progress, while_running=ServerWatch(link.connection, run_id))
         except FlowerError as err:
             raise SimulationError(str(err)) from None

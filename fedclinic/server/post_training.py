@@ -89,7 +89,8 @@ def explanation_step(model: nn.Module, test: ImageSet, config: Config, run_dir: 
 
     shown = sample(test, config.explain.max_images, seed=config.data.seed)
     say(f"explanations: Integrated Gradients and Grad-CAM on {len(shown)} test images")
-    return explain(model, shown, run_dir, per_class=config.explain.per_class, device=device, seed=config.data.seed)
+    return explain(model, shown, run_dir, per_class=config.explain.per_class, device=device, seed=config.data.seed,
+                   on_step=lambda line, done, total: say(f"  {line}", step=("explanations", done, total)))
 
 
 def post_training(

@@ -1,0 +1,141 @@
+"""The library call: run one federation of a configuration and get its typed results.
+
+    import fedclinic
+    config = fedclinic.load_config(None, ["federation.sites=3", "privacy.target-epsilon=3"])
+    results = fedclinic.run(config)              # through Flower's simulation runtime
+    results.final.accuracy, results.sites[0].epsilon, results.run_dir
+
+`fedclinic simulate`, `fedclinic sweep` and the benches are shells over
+`run`; `fedclinic demo` shares its checks and its steps after the run (the
+membership audit, the baselines).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from fedclinic.config import Config, ConfigError, check_sites, pinned
+from fedclinic.report.schema import Results
+
+Say = Callable[[str], None]
+Step = Callable[[str, int, int], None]  # (kind, done, total): a progress bar's state
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def run(config: Config, *, baselines: bool = False, say: Say | None = None,
+        on_progress: Callable[[dict], None] | None = None, on_step: Step | None = None) -> Results:
+    """Simulate the federation of `config` into its run directory; returns what it wrote to results.json.
+
+    Refuses a configuration the sites' sizes or the privacy budget make
+    impossible (ConfigError) before anything starts. `say` gets a line per
+    step, `on_progress` each line of the run's progress file (a round, or a
+    note of a step after training), `on_step` the progress of the audit and
+    the baselines, which run in this process. With `baselines` the pooled and silo
+    baselines are trained after the federation, in this process. Resumes
+    from the checkpoint when `config.output.resume` is set.
+    """
+    from fedclinic.data import site_data
+    from fedclinic.report import read_results, run_directory, with_wall_time
+    from fedclinic.report.plots import plot_label_distribution, plot_site_samples
+    from fedclinic.runtime import simulation
+
+    say = say or _quiet
+    config = pinned(config)
+    check_config(config)
+    run_dir = run_directory(config)
+    fed = config.federation
+    # what the sites hold: simulation only, the server never sees site data in deployment
+    sites = [site_data(config.data, k, fed.sites)[0] for k in range(fed.sites)]
+    plot_label_distribution(sites, run_dir / "label_distribution.png")
+    plot_site_samples(sites, run_dir / "site_samples.png")
+    say("  starting Flower's simulation runtime ...")
+    started = time.time()
+    simulation.run(config, run_dir, on_progress=on_progress)
+    with_wall_time(run_dir, time.time() - started)
+    if config.privacy.audit:
+        say("  membership-inference audit of the final model ...")
+        audit_into_run(run_dir, on_step=on_step)
+    if baselines:
+        say("  pooled and silo baselines, in this process ...")
+        baselines_into_run(run_dir, config, say, on_step=on_step)
+    return read_results(run_dir)
+
+
+def check_config(config: Config) -> None:
+    """Refuse what the sites' actual sizes or the privacy budget make impossible, before anything runs."""
+    from fedclinic.data import site_sizes
+
+    sizes = site_sizes(config.data, config.federation.sites)
+    check_sites(config, sizes)
+    check_budget(config, min(sizes))
+
+
+def check_budget(config: Config, smallest_site: int) -> None:
+    """Refuse a privacy target no noise level can meet, before any site starts."""
+    if not config.privacy.local or config.privacy.noise_multiplier:
+        return  # a fixed sigma needs no calibration; the sites' hard stop enforces the budget
+    from fedclinic.privacy.accounting import reachable, sample_rate, steps_per_epoch
+
+    t, p = config.training, config.privacy
+    target = min([p.target_epsilon, *p.budgets().values()])
+    # the smallest site samples at the highest rate: if it can meet the target, every site can
+    q = sample_rate(num_examples=smallest_site, batch_size=t.batch_size)
+    epochs = config.federation.rounds * t.local_epochs + config.personalize.epochs  # the fine-tuning is planned for too
+    steps = epochs * steps_per_epoch(num_examples=smallest_site, batch_size=t.batch_size)
+    if not reachable(target_epsilon=target, delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant):
+        raise ConfigError(
+            f"no noise level reaches epsilon={target} at delta={p.delta} for the smallest site "
+            f"({smallest_site} images, sample rate {q:.4g}, {steps} steps); raise privacy.target-epsilon"
+        )
+
+
+def audit_into_run(run_dir: Path, *, on_step: Step | None = None) -> dict:
+    """Audit a finished run and add the result to its results.json and report.md; returns the results."""
+    from fedclinic.analysis.audit import audit_run
+    from fedclinic.report import update_results
+    from fedclinic.report.text import write_reports
+
+    audit = audit_run(run_dir, on_site=None if on_step is None else lambda done, total: on_step("audit", done, total))
+    results = update_results(run_dir, {"audit": {k: v for k, v in audit.items() if k != "curve"}})
+    write_reports(results, run_dir)
+    return results
+
+
+def existing_results(run_dir: Path) -> dict | None:
+    """The run's results.json, None when there is none; an unreadable one is refused."""
+    path = run_dir / "results.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} cannot be read as JSON ({err}); refusing to overwrite it") from None
+
+
+def baselines_into_run(run_dir: Path, config: Config, say: Say = _quiet, *, non_private: bool = True,
+                       on_step: Step | None = None) -> dict:
+    """Train the baselines of `config`, write baselines.json into `run_dir`, and add them to its results.json and
+    report (a report of the baselines alone when the directory holds no federation); returns the results."""
+    from fedclinic import __version__
+    from fedclinic.baselines import run_baselines
+    from fedclinic.report import json_safe, write_json, write_results
+    from fedclinic.report.text import write_reports
+
+    found = json_safe(run_baselines(config, say, non_private=non_private, on_step=on_step))
+    write_json(run_dir / "baselines.json", {"fedclinic_version": __version__, "run": run_dir.name,
+                                            "config": config.to_flat(), **found})
+    results = existing_results(run_dir)
+    section = {"pooled": found["pooled"], "silo": found["silo"]}
+    if results is None:  # no federation here: the report is of the baselines alone
+        write_reports({"run": run_dir.name, "baselines": section}, run_dir)
+        return {"run": run_dir.name, "baselines": section}
+    results["baselines"] = section
+    write_results(run_dir, results)
+    write_reports(results, run_dir)
+    return results
