@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import fedclinic  # noqa: E402
 from fedclinic.baselines import run_baselines  # noqa: E402
-from fedclinic.config import load_config  # noqa: E402
+from fedclinic.config import ConfigError, load_config  # noqa: E402
+from fedclinic.runtime.processes import FlowerError  # noqa: E402
 
 FEDERATIONS = {"default": [], "skewed": ["data.label-alpha=0.3"]}
 PRIVACY = {"off": ["privacy.mode=off"], "8": ["privacy.target-epsilon=8"], "3": ["privacy.target-epsilon=3"]}
@@ -74,15 +75,14 @@ def file_federations(data: str, sites: int) -> None:
 
 
 def simulate(out: Path, name: str, keys: list[str]) -> dict:
-    """`fedclinic simulate` into out/name (or the results it left there before)."""
+    """fedclinic.run (what `fedclinic simulate` runs) into out/name, or the results it left there before."""
     results = out / name / "results.json"
     if not results.exists():
-        cmd = [sys.executable, "-m", "fedclinic.cli", "simulate", "--quiet", "--out", str(out), "--name", name]
-        for key in keys:
-            cmd += ["--set", key]
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if run.returncode != 0:
-            sys.exit(f"simulate {name} failed ({run.returncode}): {run.stderr.strip()}")
+        try:
+            fedclinic.run(load_config(None, [*keys, f"output.dir={json.dumps(str(out))}",
+                                             f"output.name={json.dumps(name)}"]))
+        except (ConfigError, FlowerError) as err:
+            sys.exit(f"simulate {name} failed: {err}")
     return json.loads(results.read_text())
 
 
