@@ -329,3 +329,54 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
     finally:  # a failed assertion above leaves nothing running either
         for marker in markers():
             stop_processes(with_env(marker))
+
+
+class AnsweringConnection:
+    """The SuperLink's verdicts on the run, in order (what `flwr ls` would say), for ServerWatch."""
+
+    def __init__(self, flwr_home: Path, *verdicts: str) -> None:
+        self.flwr_home, self.verdicts = flwr_home, list(verdicts)
+
+    def status(self, run_id: int) -> str:
+        return self.verdicts.pop(0)
+
+
+@pytest.mark.parametrize("verdicts, fails", [
+    (["running"], True),  # killed mid-run: the run fails at once, with the reason
+    (["unknown", "running"], True),  # no answer at first (a loaded machine): it asks again
+    (["finished:completed"], False),  # the process ended the run first: its log stream ends by itself
+])
+def test_the_watch_fails_a_run_whose_server_process_is_gone_while_the_superlink_still_runs_it(tmp_path, verdicts,
+                                                                                               fails):
+    from fedclinic.runtime.processes import FlowerError, flower_env
+    from fedclinic.runtime.simulation import ServerWatch
+
+    # Prepare: a process of this run's environment whose command line names flwr-simulation
+    home = tmp_path / ".flwr"
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "flwr-simulation"],
+                              env=flower_env(home))
+    watch = ServerWatch(AnsweringConnection(home, *verdicts), run_id=1, grace=0.05)
+    try:
+        watch()  # it has seen the server process
+        # Execute: the process dies (SIGKILL, as the kernel's OOM killer does)
+        server.kill()
+        server.wait(timeout=10)
+        raised = None
+        deadline = time.monotonic() + 10
+        while watch.connection.verdicts and time.monotonic() < deadline:
+            try:
+                watch()
+            except FlowerError as err:
+                raised = err
+                break
+            time.sleep(0.06)
+        # Assert
+        assert watch.connection.verdicts == []  # every verdict was asked for
+        if fails:
+            assert "exited while the run was 'running': killed, or out of memory?" in str(raised)
+        else:
+            assert raised is None
+            watch()  # and it does not ask again
+    finally:
+        if server.poll() is None:
+            server.kill()

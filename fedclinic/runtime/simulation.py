@@ -81,10 +81,13 @@ class ServerWatch:
             self.gone_since = time.monotonic()
         elif self.seen and time.monotonic() - self.gone_since > self.grace:
             status = self.connection.status(self.run_id)
-            if not status.startswith("finished"):
+            if status == "unknown":  # no answer (a loaded machine): ask again after another grace
+                self.gone_since = time.monotonic()
+            elif not status.startswith("finished"):
                 raise FlowerError(f"the process running the ServerApp (flwr-simulation) exited while the run was "
                                   f"{status!r}: killed, or out of memory?")
-            self.seen = False  # it ended the run first: the log stream ends by itself
+            else:
+                self.seen = False  # it ended the run first: the log stream ends by itself
 
 
 def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | None = None) -> None:
