@@ -41,7 +41,7 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
     from the checkpoint when `config.output.resume` is set.
     """
     from fedclinic.data import site_data
-    from fedclinic.report import read_results, run_directory, with_wall_time
+    from fedclinic.report import run_directory, with_wall_time
     from fedclinic.report.plots import plot_label_distribution, plot_site_samples
     from fedclinic.runtime import simulation
 
@@ -57,14 +57,14 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
     say("  starting Flower's simulation runtime ...")
     started = time.time()
     simulation.run(config, run_dir, on_progress=on_progress)
-    with_wall_time(run_dir, time.time() - started)
+    results = with_wall_time(run_dir, time.time() - started)
     if config.privacy.audit:
         say("  membership-inference audit of the final model ...")
-        audit_into_run(run_dir, on_step=on_step)
+        results = audit_into_run(run_dir, on_step=on_step)
     if baselines:
         say("  pooled and silo baselines, in this process ...")
-        baselines_into_run(run_dir, config, say, on_step=on_step)
-    return read_results(run_dir)
+        results = baselines_into_run(run_dir, config, say, on_step=on_step)
+    return Results.from_dict(results, run_dir=run_dir)  # what the last step wrote to results.json
 
 
 def check_config(config: Config) -> None:

@@ -38,6 +38,7 @@ train with that many torch threads.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -210,7 +211,7 @@ def run_baselines(config: Config, say: Callable[[str], None] = lambda message: N
     """
     started = time.perf_counter()
     fed = config.federation
-    total, done = int(non_private) + int(config.privacy.local) + fed.sites, iter(range(1, 1_000_000))
+    total, done = int(non_private) + int(config.privacy.local) + fed.sites, itertools.count(1)
     if on_step is not None:
         line = say
 
