@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,15 @@ import pytest
 import torch
 
 import fedclinic
+from fedclinic.cli import main as cli_main
 from fedclinic.privacy.ledger import Ledger
 from fedclinic.runtime.processes import command_of, stop_processes, with_env
 
 # the steps after training (attack, compress, explain) are tested on their own and in one run (full_run)
 NO_POST = ["--set", "robustness.enabled=false", "--set", "compression.enabled=false", "--set", "explain.enabled=false"]
-SMALL = ["--set", "data.site-size=300", "--set", "data.test-size=300", *NO_POST]
+# one Ray actor trains the sites in turn (Flower's default is one per core): each actor imports torch and Opacus,
+# and these runs are not about sites in parallel
+SMALL = ["--set", "data.site-size=300", "--set", "data.test-size=300", "--set", "federation.client-cpus=2", *NO_POST]
 
 def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedclinic.cli", "simulate", *args],
@@ -82,21 +86,24 @@ def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows
     ("privacy.target-epsilon=1e-7", "no noise level reaches epsilon=1e-07"),
     ("data.path=missing.npz", "missing.npz"),
 ])
-def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path, setting, words):
-    proc = simulate("--out", str(tmp_path), "--set", setting, timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0  # one sentence, no traceback
-    assert words in proc.stderr
+def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path, capsys, setting, words):
+    # (the command's own main, in this process: an exception it let through would fail the test as a traceback)
+    code = cli_main(["simulate", "--out", str(tmp_path), "--set", setting])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0  # one sentence
+    assert words in err
     assert list(tmp_path.iterdir()) == []  # no run directory was started
 
 
-def test_an_out_folder_that_is_a_file_is_refused_in_one_sentence(tmp_path):
+def test_an_out_folder_that_is_a_file_is_refused_in_one_sentence(tmp_path, capsys):
     taken = tmp_path / "results.txt"
     taken.write_text("a user's file")
-    proc = simulate("--out", str(taken), "--name", "run", timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0  # one sentence, no traceback
-    assert f"{taken} is a file, not a directory" in proc.stderr
+    code = cli_main(["simulate", "--out", str(taken), "--name", "run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0  # one sentence
+    assert f"{taken} is a file, not a directory" in err
     assert taken.read_text() == "a user's file"  # nothing of the user's lost
 
 
@@ -157,11 +164,9 @@ def write_scans(path: Path) -> Path:
 
 
 def budget_plan(*args: str) -> list[dict]:
-    from fedclinic.cli import main
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["budget", "--plan", "--json", *args]) == 0
+        assert cli_main(["budget", "--plan", "--json", *args]) == 0
     return json.loads(out.getvalue())["sites"]
 
 
@@ -233,9 +238,7 @@ def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_h
     assert sites[1]["epsilon"] <= budget
     assert [sites[k]["rounds_trained"] for k in (0, 2)] == [3, 3] and results["stop_reason"] is None
     assert "site 1 stopped before round 2" in proc.stdout
-    from fedclinic.cli import main
-
-    assert main(["ledger", "show", str(run / "sites" / "site-1"), "--json"]) == 0
+    assert cli_main(["ledger", "show", str(run / "sites" / "site-1"), "--json"]) == 0
     ledger = json.loads(capsys.readouterr().out)
     assert [r["round"] for r in ledger["rounds"]] == [1] and ledger["epsilon"] <= budget
     personalized = {s["site"]: s for s in results["personalization"]["sites"]}
@@ -250,24 +253,37 @@ def test_a_site_over_its_budget_stops_where_the_calculator_says_and_central_dp_h
     assert "site 1 declines the fine-tuning" in report
 
 
-def kill_the_server(args: list[str], run: Path, *, when) -> tuple[int, str]:
-    """`fedclinic ARGS` writing to `run`, its server process (flwr-simulation runs the ServerApp) killed
-    as soon as `when()` holds; (exit status, stderr) of the command."""
-    proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    marker = f"FLWR_HOME={run / '.flwr'}"
-    try:
+class KilledServer:
+    """`fedclinic ARGS` writing to `run`, started at once; a thread kills its server process (flwr-simulation
+    runs the ServerApp) as soon as `when()` holds, while the test does other work. finish() gives the command's
+    (exit status, stderr); stop() leaves nothing of it running, whatever happened."""
+
+    def __init__(self, args: list[str], run: Path, *, when) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "fedclinic.cli", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.marker, self.when, self.killed = f"FLWR_HOME={run / '.flwr'}", when, []
+        self.watcher = threading.Thread(target=self.watch, daemon=True)
+        self.watcher.start()
+
+    def watch(self) -> None:
         deadline = time.monotonic() + 300
-        while not when() and time.monotonic() < deadline and proc.poll() is None:
+        while not self.when() and time.monotonic() < deadline and self.proc.poll() is None:
             time.sleep(0.2)
-        server = [pid for pid in with_env(marker) if "flwr-simulation" in command_of(pid)]
-        assert when() and len(server) == 1
-        os.kill(server[0], signal.SIGKILL)
-        _, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, err
+        server = [pid for pid in with_env(self.marker) if "flwr-simulation" in command_of(pid)]
+        if self.when() and len(server) == 1:
+            os.kill(server[0], signal.SIGKILL)
+            self.killed.append(server[0])
+
+    def finish(self) -> tuple[int, str]:
+        self.watcher.join(timeout=320)
+        assert self.killed, "the server process was never killed"
+        _, err = self.proc.communicate(timeout=180)
+        return self.proc.returncode, err
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @pytest.mark.slow
@@ -293,6 +309,8 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
         except CheckpointError:
             return -1
 
+    # the run to be killed starts first and runs beside the uninterrupted one
+    killed = KilledServer(["simulate", *fedadam, "--name", "killed"], run, when=lambda: checkpointed() >= 1)
     try:
         # the uninterrupted run through the library call, unnamed, which returns the run's typed results.json
         whole = fedclinic.run(fedclinic.load_config(None, [*settings, f"output.dir={json.dumps(str(library))}"]))
@@ -300,8 +318,7 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
         assert [r.round for r in whole.rounds] == [0, 1, 2, 3] and len(whole.sites) == 3
         assert whole.final.accuracy == whole.rounds[-1].accuracy
         assert whole.to_dict() == json.loads((whole.run_dir / "results.json").read_text())
-        returncode, err = kill_the_server(["simulate", *fedadam, "--name", "killed"], run,
-                                          when=lambda: checkpointed() >= 1)
+        returncode, err = killed.finish()
         # the killed run is reported as a failure, with the reason, and leaves its checkpoint
         assert returncode == 2 and "fedclinic: error:" in err
         assert "the process running the ServerApp (flwr-simulation) exited while the run was 'running'" in err, err
@@ -327,6 +344,7 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
         assert results["config"]["federation.server-learning-rate"] == 0.01
         assert all(with_env(marker) == set() for marker in markers())
     finally:  # a failed assertion above leaves nothing running either
+        killed.stop()
         for marker in markers():
             stop_processes(with_env(marker))
 
