@@ -1,6 +1,6 @@
 """DP overhead: local training throughput with Opacus vs without, same model and data.
 
-    python bench/dp_overhead.py [--repeats 3]
+    python bench/dp_overhead.py [--repeats 3] [--threads N]
 
 Prints images/second for plain SGD and for DP-SGD with each Opacus
 grad_sample_mode, and each as a ratio of plain time, all measured in one run
@@ -39,7 +39,11 @@ def one_epoch(config, data, mode: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default; a simulated site trains on federation.client-cpus)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = load_config(None, ["data.site-size=2000", "data.quantity-skew=0"])
     data, _ = site_data(config.data, 0, 1)
     print(f"{len(data)} images of {data.images.shape[2]}x{data.images.shape[3]}, batch {config.training.batch_size}, "

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample import wrap_model
 from opacus.validators import ModuleValidator
 
 from fedclinic.model import MultiTaskNet, load_model, multitask_loss, save_model
@@ -76,13 +77,15 @@ def test_the_scattering_transform_agrees_with_kymatios_away_from_the_border():
         assert whole > 0.98, k
 
 
-def test_opacus_accepts_the_model_and_its_per_example_gradients_match_single_examples():
+@pytest.mark.parametrize("encoder", ["scattering", "cnn"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_opacus_accepts_the_model_and_its_per_example_gradients_match_single_examples(mode, encoder):
     # Prepare: a mixed batch (with and without lesions) and a reference copy
-    model = make_model()
+    model = make_model(encoder=encoder)
     reference = copy.deepcopy(model)
     images, labels, boxes = make_batch()
     assert ModuleValidator.validate(model, strict=True) == []
-    private = GradSampleModule(model)  # hooks mode, loss_reduction="mean"
+    private = wrap_model(model, grad_sample_mode=mode)  # loss_reduction="mean"
 
     # Execute
     loss, _ = multitask_loss(*private(images), labels, boxes, box_weight=2.0)

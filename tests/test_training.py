@@ -282,3 +282,30 @@ def test_the_cosine_schedule_falls_from_the_full_rate_to_a_tenth_over_the_rounds
     assert scales == sorted(scales, reverse=True) and scales[2] == pytest.approx(0.55)
     assert [round_lr_scale(constant, r, 5) for r in range(1, 6)] == [1.0] * 5
     assert round_lr_scale(cosine, 1, 1) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+def test_an_empty_poisson_batch_is_still_a_counted_step_of_noise_alone(mode):
+    # Prepare: a private model whose Poisson batches are empty, as a batch of a small site can be
+    from opacus import PrivacyEngine
+
+    from fedclinic.clients.training import noise_only_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.GroupNorm(4, 40), torch.nn.Linear(40, 30))
+    before = [p.detach().clone() for p in model.parameters()]
+    sigma, clip, batch, size = 2.0, 0.5, 8, 80
+    data = torch.utils.data.TensorDataset(torch.zeros(size, 50))
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=torch.utils.data.DataLoader(data, batch_size=batch), noise_multiplier=sigma,
+        max_grad_norm=clip, poisson_sampling=True, grad_sample_mode=mode)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Execute
+    noise_only_step(optimizer, params)
+    # Assert: the update is Gaussian noise of std sigma * C / (expected batch), and the accountant saw one step
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(params, before)])
+    assert moved.mean().abs() < 0.01
+    assert moved.std().item() == pytest.approx(sigma * clip / batch, rel=0.05)
+    assert engine.accountant.history == [(sigma, batch / size, 1)]

@@ -47,7 +47,7 @@ FINAL_LR_SHARE = 0.1
 
 @dataclass(frozen=True)
 class LocalResult:
-    loss: float  # mean training loss over the round's batches
+    loss: float  # mean training loss over the round's non-empty batches
     steps: int  # optimizer steps taken (each one a DP release when private)
     sample_rate: float  # Poisson sampling rate q (1.0 for plain SGD: no amplification claimed)
     noise_multiplier: float  # sigma; 0 for plain SGD
@@ -168,6 +168,14 @@ def average_views(params: list[nn.Parameter], *, records: int, views: int) -> No
         p.grad_sample = p.grad_sample.view(records, views, *p.shape).mean(dim=1)
 
 
+def noise_only_step(optimizer, params: list[nn.Parameter]) -> None:
+    """Opacus's DP-SGD step for an empty batch: no per-example gradient, so the update is the noise alone."""
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+
+
 def round_lr_scale(training: TrainingConfig, server_round: int, rounds: int) -> float:
     """The share of the learning rate a round trains at: 1 throughout, or cosine from 1 down to FINAL_LR_SHARE."""
     if training.schedule == "constant" or rounds <= 1:
@@ -232,12 +240,18 @@ def train_locally(
         q = loader.sample_rate
 
     t0 = time.perf_counter()
-    total, steps = 0.0, 0
+    total, steps, batches = 0.0, 0, 0
     for _ in range(training.local_epochs):
         for images, labels, boxes in loader:
             x = images.to(device, torch.float32).div_(255)
             labels, boxes = labels.to(device), boxes.to(device)
             records = len(labels)
+            if records == 0:
+                # Poisson sampling drew no record: still a DP-SGD step, noise alone, which the
+                # accountant counts; the "ew" and "functorch" engines cannot run zero rows forward
+                noise_only_step(optimizer, params)
+                steps += 1
+                continue
             if training.augment == "scanner":
                 x = scanner_views(x, views=views, generator=augment_generator)
                 labels, boxes = labels.repeat_interleave(views), boxes.repeat_interleave(views, dim=0)
@@ -265,13 +279,14 @@ def train_locally(
             optimizer.step()  # DP-SGD: clip each example's gradient, add noise, step
             total += loss.item()
             steps += 1
+            batches += 1
     seconds = time.perf_counter() - t0
     if privacy.local:
         # Opacus hooks the caller's own layers; left on, a later backward in eval mode (an attack
         # on the trained model) finds no recorded activations and fails
         model.to_standard_module()
     return LocalResult(
-        loss=total / max(steps, 1),
+        loss=total / max(batches, 1),
         steps=steps,
         sample_rate=q,
         noise_multiplier=noise_multiplier if privacy.local else 0.0,

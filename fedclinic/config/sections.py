@@ -148,8 +148,9 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     # privacy accountant: rdp or prv (Opacus)
     accountant: str = "rdp"
-    # Opacus per-sample gradient engine: hooks, functorch or ew
-    grad_sample_mode: str = "hooks"
+    # Opacus per-sample gradient engine: hooks, functorch or ew (torch's expanded weights,
+    # the fastest on the default model: bench/dp_overhead.py)
+    grad_sample_mode: str = "ew"
     # central DP: L2 norm each site's model update is clipped to
     central_clipping_norm: float = 1.0
     # central DP: noise std on the sum of site updates, in units of central-clipping-norm
