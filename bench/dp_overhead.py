@@ -1,6 +1,6 @@
 """DP overhead: local training throughput with Opacus vs without, same model and data.
 
-    python bench/dp_overhead.py [--repeats 3] [--threads N]
+    python bench/dp_overhead.py [--repeats 3] [--threads N] [--device cpu|cuda]
 
 Prints images/second for plain SGD and for DP-SGD with each Opacus
 grad_sample_mode, and each as a ratio of plain time, all measured in one run
@@ -20,6 +20,7 @@ from fedclinic.clients.site import build_model  # noqa: E402
 from fedclinic.clients.training import train_locally  # noqa: E402
 from fedclinic.config import load_config, replace  # noqa: E402
 from fedclinic.data import site_data  # noqa: E402
+from fedclinic.device import resolve_device  # noqa: E402
 
 MODES = ["plain", "hooks", "functorch", "ew"]
 
@@ -41,13 +42,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default; a simulated site trains on federation.client-cpus)")
+    parser.add_argument("--device", default="auto", help="training.device: auto (a GPU when present), cpu or cuda")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = load_config(None, ["data.site-size=2000", "data.quantity-skew=0"])
+    config = load_config(None, ["data.site-size=2000", "data.quantity-skew=0", f"training.device={args.device}"])
     data, _ = site_data(config.data, 0, 1)
     print(f"{len(data)} images of {data.images.shape[2]}x{data.images.shape[3]}, batch {config.training.batch_size}, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, device {resolve_device(config.training.device)}")
     for mode in MODES:  # warm-up: first-call costs (imports, allocator) are not throughput
         one_epoch(config, data, mode)
     times = {mode: [] for mode in MODES}

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from fedclinic.config import Config, ConfigError, check_sites, pinned
 from fedclinic.report.schema import Results
+
+if TYPE_CHECKING:
+    from fedclinic.runtime.simulation import LocalSuperLink
 
 Say = Callable[[str], None]
 Step = Callable[[str, int, int], None]  # (kind, done, total): a progress bar's state
@@ -29,7 +33,8 @@ def _quiet(_: str) -> None:
 
 
 def run(config: Config, *, baselines: bool = False, say: Say | None = None,
-        on_progress: Callable[[dict], None] | None = None, on_step: Step | None = None) -> Results:
+        on_progress: Callable[[dict], None] | None = None, on_step: Step | None = None,
+        link: "LocalSuperLink | None" = None) -> Results:
     """Simulate the federation of `config` into its run directory; returns what it wrote to results.json.
 
     Refuses a configuration the sites' sizes or the privacy budget make
@@ -38,7 +43,8 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
     note of a step after training), `on_step` the progress of the audit and
     the baselines, which run in this process. With `baselines` the pooled and silo
     baselines are trained after the federation, in this process. Resumes
-    from the checkpoint when `config.output.resume` is set.
+    from the checkpoint when `config.output.resume` is set. `link`: a simulation SuperLink already up
+    (fedclinic.runtime.simulation.LocalSuperLink) to submit the run to, as a sweep shares one among its points.
     """
     from fedclinic.data import site_data
     from fedclinic.report import run_directory, with_wall_time
@@ -50,13 +56,20 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
     check_config(config)
     run_dir = run_directory(config)
     fed = config.federation
-    # what the sites hold: simulation only, the server never sees site data in deployment
-    sites = [site_data(config.data, k, fed.sites)[0] for k in range(fed.sites)]
-    plot_label_distribution(sites, run_dir / "label_distribution.png")
-    plot_site_samples(sites, run_dir / "site_samples.png")
+
+    def plot_sites() -> None:
+        """What the sites hold: in simulation only, the server never sees site data in deployment."""
+        sites = [site_data(config.data, k, fed.sites)[0] for k in range(fed.sites)]
+        plot_label_distribution(sites, run_dir / "label_distribution.png")
+        plot_site_samples(sites, run_dir / "site_samples.png")
+
     say("  starting Flower's simulation runtime ...")
     started = time.time()
-    simulation.run(config, run_dir, on_progress=on_progress)
+    # the plots of the sites' data are drawn in a thread while Flower starts, when this process has nothing to do
+    with ThreadPoolExecutor(max_workers=1) as plotter:
+        plotted = plotter.submit(plot_sites)
+        simulation.run(config, run_dir, on_progress=on_progress, link=link)
+        plotted.result()
     results = with_wall_time(run_dir, time.time() - started)
     if config.privacy.audit:
         say("  membership-inference audit of the final model ...")

@@ -57,6 +57,16 @@ def test_calibrated_sigma_meets_the_target_within_one_percent(accountant, target
     assert eps >= target * 0.99
 
 
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
+@pytest.mark.parametrize("target, q, steps", [(0.2, 0.5, 2000), (40.0, 0.5, 4)])
+def test_a_sigma_beyond_the_first_brackets_is_found_too(target, q, steps):
+    # a tiny budget over many steps needs sigma > 20 (the search's first bracket); a huge one sigma < 0.6
+    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps)
+    eps = epsilon([(sigma, q, steps)], delta=1e-5)
+    assert target * 0.99 <= eps <= target * 1.0001
+    assert sigma > 20 if target < 1 else sigma < 0.6
+
+
 def test_site_plan_spends_exactly_its_budget_over_all_planned_rounds():
     sigma, q, per_round = plan_site(num_examples=700, batch_size=64, local_epochs=2, rounds=3,
                                     target_epsilon=3.0, delta=1e-5)

@@ -1,4 +1,4 @@
-"""results.json: its typed schema, its one writer's checks, and what `fedclinic.run` returns."""
+"""results.json: its typed schema, its one writer's checks, and what `fedclinic.run` returns; the run's plots."""
 
 import json
 
@@ -62,3 +62,31 @@ def test_an_optional_section_may_be_null_but_a_run_section_may_not(run_dir):
     assert Results.from_dict({**results, "robustness": None}).robustness is None
     with pytest.raises(SchemaError, match=r"results.final should be an object, not None"):
         Results.from_dict({**results, "final": None})
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) in pixels, from the PNG's IHDR chunk."""
+    import struct
+
+    return struct.unpack(">II", path.read_bytes()[16:24])
+
+
+def test_a_federation_of_300_sites_gets_plots_of_a_readable_size(tmp_path):
+    # Prepare: 300 sites of 4 scans each, two rounds of ledger metrics
+    import numpy as np
+
+    from fedclinic.data import ImageSet
+    from fedclinic.report.plots import MAX_NAMED_SITES, plot_epsilon, plot_label_distribution, plot_site_samples
+
+    rng = np.random.default_rng(0)
+    sites = [ImageSet(rng.integers(0, 255, (4, 1, 32, 32), dtype=np.uint8), rng.integers(0, 3, 4), None,
+                      ("healthy", "benign", "malignant")) for _ in range(300)]
+    metrics = [{"site": k, "round": r, "epsilon": 4.0 * r} for k in range(300) for r in (1, 2)]
+    # Execute
+    plot_site_samples(sites, tmp_path / "many.png")
+    plot_site_samples(sites[:MAX_NAMED_SITES], tmp_path / "named.png")
+    plot_label_distribution(sites, tmp_path / "labels.png")
+    plot_epsilon(metrics, tmp_path / "epsilon.png", target=8.0)
+    # Assert: the samples show the first sites only (a row per site of 300 would be 50,000 pixels tall)
+    assert png_size(tmp_path / "many.png") == png_size(tmp_path / "named.png")
+    assert png_size(tmp_path / "labels.png") == png_size(tmp_path / "epsilon.png") == (660, 385)

@@ -178,7 +178,7 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_where_it_stopped(tmp_path
     # Prepare: the second simulation is interrupted
     calls = []
 
-    def interrupted_second(config, say):
+    def interrupted_second(config, say, link):
         calls.append(config.output.name)
         if config.output.name == "eps-2":
             raise KeyboardInterrupt
@@ -189,7 +189,7 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_where_it_stopped(tmp_path
     # Execute
     first = cli.main(command)
     err = capsys.readouterr().err
-    monkeypatch.setattr(cli_run, "run_once", lambda config, say: calls.append(config.output.name) or fake_run(config))
+    monkeypatch.setattr(cli_run, "run_once", lambda config, say, link: calls.append(config.output.name) or fake_run(config))
     second = cli.main(command)
     out = capsys.readouterr().out
     # Assert
@@ -229,6 +229,10 @@ def test_a_real_sweep_writes_its_table_and_plots_and_the_same_command_again_reru
     assert 0 < float(rows["eps-3"]["max_epsilon"]) <= 3.0 * 1.001
     for name in ("accuracy_vs_epsilon.png", "iou_vs_epsilon.png"):
         assert (sweep_dir / name).read_bytes().startswith(b"\x89PNG"), name
+    # both points ran on one SuperLink, started once for the sweep
+    assert (sweep_dir / "superlink.log").read_text().count("Starting Flower SuperLink") == 1
+    assert (sweep_dir / "superlink.log").read_text().count("Created run") == 2
+    assert not any((sweep_dir / label / "superlink.log").exists() for label in rows)
 
     # Execute: the same command again reruns nothing
     finished = {label: (sweep_dir / label / "results.json").stat().st_mtime_ns for label in rows}

@@ -30,11 +30,12 @@ def simulate_parser(sub) -> None:
                         "the same run directory, as `fedclinic baselines RUN_DIR` does")
 
 
-def run_once(config: Config, say: Progress, *, baselines: bool = False) -> dict:
-    """fedclinic.run of `config`, its lines and bars shown by `say`; returns its results.json."""
+def run_once(config: Config, say: Progress, *, baselines: bool = False, link=None) -> dict:
+    """fedclinic.run of `config` (on `link`, a SuperLink already up, if given), its lines and bars shown by `say`;
+    returns its results.json."""
     rounds = config.federation.rounds
     return api.run(config, baselines=baselines, say=say, on_progress=lambda row: show_row(say, row, rounds),
-                   on_step=say.step).to_dict()
+                   on_step=say.step, link=link).to_dict()
 
 
 def personalization_line(results: dict) -> str:
@@ -140,6 +141,7 @@ def sweep_parser(sub) -> None:
 
 
 def sweep(args: argparse.Namespace) -> int:
+    from fedclinic.runtime.simulation import LocalSuperLink
     from fedclinic.sweep import build_points, default_name, format_points, parse_values, reusable, run_points, write_sweep
 
     if args.epsilons is None and args.noise_multipliers is None:
@@ -162,14 +164,20 @@ def sweep(args: argparse.Namespace) -> int:
                                                       non_private=point.config.privacy.mode == "off")
                      ) if args.baselines else None
     say.step("sweep points", 0, len(points))
+    # one SuperLink for every point, started with the first point that runs: each point's run then starts
+    # only its own ServerApp process and Ray
+    link = LocalSuperLink(sweep_dir)
     try:
-        rows = run_points(points, run_point=lambda config: run_once(config, say), say=say,
+        rows = run_points(points, run_point=lambda config: run_once(config, say, link=link), say=say,
                           add_baselines=add_baselines, on_done=lambda done, total: say.step("sweep points", done, total))
     except KeyboardInterrupt:
+        link.stop()
         done = sum(reusable(point) for point in points)
         print(f"fedclinic: sweep interrupted with {done} of {len(points)} points done; every process it started has "
               "been stopped; run the same command again to resume from there", file=sys.stderr)
         return 130
+    finally:
+        link.stop()
     written = write_sweep(rows, sweep_dir)
     print(format_points(rows))
     print(f"sweep directory: {sweep_dir}  ({', '.join(path.name for path in written)}, one run directory per point)")

@@ -11,6 +11,9 @@ from matplotlib.ticker import FuncFormatter
 
 from fedclinic.data import ImageSet
 
+# sites named one by one in a plot (legend entries, ticks, rows of samples); a larger federation is drawn whole
+MAX_NAMED_SITES = 20
+
 
 def plot_central(rounds: list[dict], path: Path) -> None:
     """Central accuracy and IoU of the global model per round."""
@@ -34,11 +37,17 @@ def plot_epsilon(site_metrics: list[dict], path: Path, target: float) -> None:
     """Cumulative epsilon of each site after each round it trained in."""
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
-    for site in sorted({int(m["site"]) for m in site_metrics}):
-        rows = sorted((m for m in site_metrics if int(m["site"]) == site), key=lambda m: m["round"])
-        ax.plot([m["round"] for m in rows], [m["epsilon"] for m in rows], marker="o", label=f"site {site}")
+    by_site: dict[int, list[dict]] = {}
+    for m in site_metrics:
+        by_site.setdefault(int(m["site"]), []).append(m)
+    named = len(by_site) <= MAX_NAMED_SITES  # a legend of a thousand sites says nothing
+    for site, rows in sorted(by_site.items()):
+        rows.sort(key=lambda m: m["round"])
+        ax.plot([m["round"] for m in rows], [m["epsilon"] for m in rows], marker="o" if named else None,
+                label=f"site {site}" if named else None, linewidth=1 if named else 0.5, alpha=1 if named else 0.3)
     ax.axhline(target, color="k", linestyle="--", linewidth=1, label="target")
-    ax.set(xlabel="round", ylabel="epsilon spent (cumulative)", title="Record-level privacy loss per site")
+    title = "Record-level privacy loss per site" + ("" if named else f" ({len(by_site)} sites)")
+    ax.set(xlabel="round", ylabel="epsilon spent (cumulative)", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -56,14 +65,16 @@ def plot_label_distribution(sites: list[ImageSet], path: Path) -> None:
         ax.bar(range(len(sites)), counts[:, k], bottom=bottom, label=name)
         bottom += counts[:, k]
     ax.set(xlabel="site", ylabel="training images", title="Label distribution per site")
-    ax.set_xticks(range(len(sites)))
+    if len(sites) <= MAX_NAMED_SITES:
+        ax.set_xticks(range(len(sites)))
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def plot_site_samples(sites: list[ImageSet], path: Path, per_site: int = 6) -> None:
-    """A few images of every site, with their class and lesion box."""
+    """A few images of every site (of the first MAX_NAMED_SITES in a larger federation), with class and lesion box."""
+    sites = sites[:MAX_NAMED_SITES]
     fig = Figure(figsize=(1.4 * per_site, 1.5 * len(sites)))
     axes = fig.subplots(len(sites), per_site, squeeze=False)
     for i, data in enumerate(sites):

@@ -42,8 +42,16 @@ class LocalSuperLink:
         )
 
     def __enter__(self) -> "LocalSuperLink":
+        return self.start().wait()
+
+    def start(self) -> "LocalSuperLink":
+        """Start the SuperLink's process and return at once (it takes seconds to answer: do other work, then wait)."""
         self.connection.write()
         self.daemon.start()
+        return self
+
+    def wait(self) -> "LocalSuperLink":
+        """Return once the SuperLink answers; SimulationError (and every process stopped) if it does not."""
         try:
             self.daemon.wait_healthy(f"http://{self.connection.address}/health", self.startup_timeout)
         except FlowerError as err:
@@ -53,6 +61,10 @@ class LocalSuperLink:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def up(self) -> "LocalSuperLink":
+        """Started and answering: started on the first call (a sweep whose points are all done starts nothing)."""
+        return self if self.daemon.running() else self.start().wait()
 
     def stop(self) -> None:
         """Stop the SuperLink and everything it started (SuperExec, simulation, Ray)."""
@@ -73,9 +85,14 @@ class ServerWatch:
         self.connection, self.run_id, self.grace = connection, run_id, grace
         self.marker = f"FLWR_HOME={connection.flwr_home}"
         self.seen, self.gone_since = False, None
+        # on a sweep's shared SuperLink the previous point's process may still be exiting: not this run's
+        self.earlier = self.servers()
+
+    def servers(self) -> set[int]:
+        return {pid for pid in with_env(self.marker) if "flwr-simulation" in command_of(pid)}
 
     def __call__(self) -> None:
-        if any("flwr-simulation" in command_of(pid) for pid in with_env(self.marker)):
+        if self.servers() - self.earlier:
             self.seen, self.gone_since = True, None
         elif self.seen and self.gone_since is None:
             self.gone_since = time.monotonic()
@@ -90,16 +107,25 @@ class ServerWatch:
                 self.seen = False  # it ended the run first: the log stream ends by itself
 
 
-def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | None = None) -> None:
-    """Run one federation through Flower's simulation runtime; returns when the run has completed."""
+def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | None = None,
+        link: LocalSuperLink | None = None) -> None:
+    """Run one federation through Flower's simulation runtime; returns when the run has completed.
+
+    `link`: a SuperLink already up (a sweep's, shared by its points), left running; without one
+    the run starts its own and stops it, and every process it started, before it returns.
+    """
     run_config = run_dir / "run-config.toml"
     run_config.write_text(config.to_toml())
     fed = config.federation
     federation = (f"num-supernodes={fed.sites} client-resources-num-cpus={fed.client_cpus} "
                   f"client-resources-num-gpus={float(fed.client_gpus)}")
-    with LocalSuperLink(run_dir) as link:
-        try:
-            run_id = submit(link.connection, run_config, federation)
-            follow(link.connection, run_id, run_dir, on_progress, while_running=ServerWatch(link.connection, run_id))
-        except FlowerError as err:
-            raise SimulationError(str(err)) from None
+    own = link is None
+    try:
+        link = LocalSuperLink(run_dir).start().wait() if own else link.up()
+        run_id = submit(link.connection, run_config, federation)
+        follow(link.connection, run_id, run_dir, on_progress, while_running=ServerWatch(link.connection, run_id))
+    except FlowerError as err:
+        raise SimulationError(str(err)) from None
+    finally:
+        if own and link is not None:
+            link.stop()
