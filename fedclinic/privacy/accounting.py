@@ -101,36 +101,40 @@ def calibrate_noise(
     """The smallest sigma (within 0.1% of target epsilon) whose epsilon after `steps` is <= target.
 
     Opacus's `get_noise_multiplier` bisects sigma: about 17 evaluations of its
-    accountant, 0.27 s each at the default RDP orders (3-5 s a site, paid by
-    every site in round 1). log(epsilon) is smooth and monotone in log(sigma),
-    so Brent's method (scipy) on that curve finds the same sigma in about 7
-    evaluations of the same accountant; a last step up by 0.01% settles the
-    rare root that lands a hair above the target.
+    accountant, 0.2-0.3 s each at the default RDP orders (2.2 s at q = 1/9,
+    paid by every simulated worker in round 1). log(epsilon) is smooth and
+    monotone in log(sigma), so Brent's method (scipy) on that curve finds the
+    same sigma in 7 to 10 evaluations of the same accountant; a last step up by
+    0.01% settles a root that lands a hair above the target.
     """
     make_accountant(accountant)  # reject unknown names with a clear message
+    caught: dict[float, list[warnings.WarningMessage]] = {}
 
     def eps(log_sigma: float) -> float:
-        return epsilon([(math.exp(log_sigma), sample_rate, steps)], delta=delta, accountant=accountant)
+        # The search probes very large sigmas, where RDP's best order is the largest one Opacus tries;
+        # that bound is loose, but those probes are discarded: only the chosen sigma's warnings are shown.
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            value = epsilon([(math.exp(log_sigma), sample_rate, steps)], delta=delta, accountant=accountant)
+        caught.setdefault(log_sigma, seen)
+        return value
 
-    with warnings.catch_warnings():
-        # The search probes very large sigmas, where RDP's best order is the largest one Opacus
-        # tries; that bound is loose but those probes are discarded. The chosen sigma is checked
-        # by `epsilon`, with its warnings shown.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
-        high = math.log(FIRST_BRACKET)
-        while eps(high) > target_epsilon:  # Opacus's upper brackets: double until the target is met
-            if high > math.log(MAX_SIGMA):
-                raise ValueError(
-                    f"no noise level reaches epsilon={target_epsilon} at delta={delta} "
-                    f"with sample rate {sample_rate:.4g} over {steps} steps; raise the target epsilon"
-                )
-            high += math.log(2)
-        low = high - math.log(2)
-        while eps(low) <= target_epsilon:  # a lower bracket that misses the target
-            low, high = low - math.log(4), low
-        log_sigma = brentq(lambda x: math.log(eps(x) / target_epsilon), low, high, xtol=1e-6)
-        while eps(log_sigma) > target_epsilon:
-            log_sigma += 1e-4
+    high = math.log(FIRST_BRACKET)
+    while eps(high) > target_epsilon:  # Opacus's upper brackets: double until the target is met
+        if high > math.log(MAX_SIGMA):
+            raise ValueError(
+                f"no noise level reaches epsilon={target_epsilon} at delta={delta} "
+                f"with sample rate {sample_rate:.4g} over {steps} steps; raise the target epsilon"
+            )
+        high += math.log(2)
+    low = high - math.log(2)
+    while eps(low) <= target_epsilon:  # a lower bracket that misses the target
+        low, high = low - math.log(4), low
+    log_sigma = brentq(lambda x: math.log(eps(x) / target_epsilon), low, high, xtol=1e-6)
+    while eps(log_sigma) > target_epsilon:
+        log_sigma += 1e-4
+    for shown in caught[log_sigma]:
+        warnings.warn_explicit(shown.message, shown.category, shown.filename, shown.lineno)
     return math.exp(log_sigma)
 
 
