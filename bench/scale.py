@@ -18,7 +18,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from simulate_runs import POST_TRAINING_OFF, simulate
+from simulate_runs import POST_TRAINING_OFF, sets, simulate
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
         settings = [f"data.site-size={args.site_size}", "data.quantity-skew=0", f"training.batch-size={args.batch_size}",
                     *POST_TRAINING_OFF]
         results, wall, peak = simulate(out, f"sites-{sites}", "--sites", str(sites), "--rounds", str(args.rounds),
-                                       *(word for setting in settings for word in ("--set", setting)))
+                                       *sets(settings))
         samples = sum(int(s["n"]) * s["rounds_trained"] for s in results["sites"])  # images x rounds trained
         rows.append((sites, wall, samples, peak, results["final"]["accuracy"],
                      results["timings"]["site_train_seconds"]))

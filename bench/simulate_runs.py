@@ -91,17 +91,29 @@ def simulate(out: Path, name: str, *args: str) -> tuple[dict, float, int]:
     return json.loads((out / name / "results.json").read_text()), wall, memory.peak
 
 
+def sets(settings: list[str]) -> list[str]:
+    """`--set KEY=VALUE` for each setting, as the CLI takes them."""
+    return [word for setting in settings for word in ("--set", setting)]
+
+
+def federation(sites: int = 3, site_size: int = 600) -> list[str]:
+    """The CLI arguments of the federation both legs train (2 rounds, batch 64, the steps after training off)."""
+    settings = [f"data.site-size={site_size}", "data.quantity-skew=0", "training.batch-size=64", *POST_TRAINING_OFF]
+    return ["--sites", str(sites), "--rounds", "2", *sets(settings)]
+
+
+def server_span(run_dir: Path) -> tuple[float, float]:
+    """When the ServerApp started and ended (epoch seconds): its RunRecorder writes config.toml first and
+    report.md last (the audit, which writes report.md again, is off)."""
+    return (run_dir / "config.toml").stat().st_mtime, (run_dir / "report.md").stat().st_mtime
+
+
 def fedclinic_leg(out: Path, name: str, args) -> dict:
     """One `fedclinic simulate` of the federation; wall time and its phases."""
     t0 = time.time()
-    settings = [f"data.site-size={args.site_size}", "data.quantity-skew=0", "training.batch-size=64",
-                *POST_TRAINING_OFF]
-    results, wall, _ = simulate(out, name, "--sites", str(args.sites), "--rounds", "2",
-                                *(word for setting in settings for word in ("--set", setting)))
+    results, wall, _ = simulate(out, name, *federation(args.sites, args.site_size))
     run_dir = out / name
-    # the ServerApp's RunRecorder writes config.toml first and report.md last (the audit, which writes it again, is off)
-    server_start = (run_dir / "config.toml").stat().st_mtime - t0
-    server_end = (run_dir / "report.md").stat().st_mtime - t0
+    server_start, server_end = (t - t0 for t in server_span(run_dir))
     progress = [json.loads(line) for line in (run_dir / "progress.jsonl").read_text().splitlines()]
     rounds = [row["elapsed"] for row in progress if row.get("round")]
     return {"wall": wall, "before": server_start, "server": server_end - server_start, "after": wall - server_end,

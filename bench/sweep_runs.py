@@ -19,25 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulate_runs import POST_TRAINING_OFF, ROOT, simulate
-
-FEDERATION = ["--sites", "3", "--rounds", "2"]
-SETTINGS = ["data.site-size=600", "data.quantity-skew=0", "training.batch-size=64", *POST_TRAINING_OFF]
-
-
-def sets(settings: list[str]) -> list[str]:
-    return [word for setting in settings for word in ("--set", setting)]
+from simulate_runs import ROOT, federation, server_span, sets, simulate
 
 
 def server_seconds(run_dir: Path) -> float:
-    """ServerApp start (its RunRecorder writes config.toml) to its last file (report.md)."""
-    return (run_dir / "report.md").stat().st_mtime - (run_dir / "config.toml").stat().st_mtime
+    start, end = server_span(run_dir)
+    return end - start
 
 
 def sweep_leg(out: Path, name: str, multipliers: list[str]) -> tuple[float, float]:
     """(wall seconds, summed ServerApp seconds) of one `fedclinic sweep`."""
     cmd = [sys.executable, "-m", "fedclinic.cli", "sweep", "--noise-multipliers", ",".join(multipliers),
-           "--out", str(out), "--name", name, "--quiet", *FEDERATION, *sets(SETTINGS)]
+           "--out", str(out), "--name", name, "--quiet", *federation()]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -56,7 +49,7 @@ def separate_leg(out: Path, name: str, multipliers: list[str]) -> tuple[float, f
     points = [("baseline", ["privacy.mode=off"]), *((f"sigma-{float(m):g}", [f"privacy.noise-multiplier={m}"])
                                                      for m in multipliers)]
     for label, extra in points:
-        _, seconds, _ = simulate(out / name, label, *FEDERATION, *sets([*SETTINGS, *extra]))
+        _, seconds, _ = simulate(out / name, label, *federation(), *sets(extra))
         wall += seconds
         server += server_seconds(out / name / label)
     return wall, server

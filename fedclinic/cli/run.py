@@ -168,16 +168,17 @@ def sweep(args: argparse.Namespace) -> int:
     # only its own ServerApp process and Ray
     link = LocalSuperLink(sweep_dir)
     try:
-        rows = run_points(points, run_point=lambda config: run_once(config, say, link=link), say=say,
-                          add_baselines=add_baselines, on_done=lambda done, total: say.step("sweep points", done, total))
+        try:
+            rows = run_points(points, run_point=lambda config: run_once(config, say, link=link), say=say,
+                              add_baselines=add_baselines,
+                              on_done=lambda done, total: say.step("sweep points", done, total))
+        finally:
+            link.stop()
     except KeyboardInterrupt:
-        link.stop()
         done = sum(reusable(point) for point in points)
         print(f"fedclinic: sweep interrupted with {done} of {len(points)} points done; every process it started has "
               "been stopped; run the same command again to resume from there", file=sys.stderr)
         return 130
-    finally:
-        link.stop()
     written = write_sweep(rows, sweep_dir)
     print(format_points(rows))
     print(f"sweep directory: {sweep_dir}  ({', '.join(path.name for path in written)}, one run directory per point)")
