@@ -369,16 +369,13 @@ def test_the_watch_fails_a_run_whose_server_process_is_gone_while_the_superlink_
     from fedclinic.runtime.processes import FlowerError, flower_env
     from fedclinic.runtime.simulation import ServerWatch
 
-    # Prepare: a process of this run's environment whose command line names flwr-simulation, started after the watch
+    # Prepare: a process of this run's environment whose command line names flwr-simulation
     home = tmp_path / ".flwr"
-    watch = ServerWatch(AnsweringConnection(home, *verdicts), run_id=1, grace=0.05)
     server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "flwr-simulation"],
                               env=flower_env(home))
+    watch = ServerWatch(AnsweringConnection(home, *verdicts), run_id=1, grace=0.05)
     try:
-        deadline = time.monotonic() + 10
-        while not watch.seen and time.monotonic() < deadline:
-            watch()  # until it has seen the server process (its environment is readable once it runs)
-            time.sleep(0.05)
+        watch()  # it has seen the server process
         # Execute: the process dies (SIGKILL, as the kernel's OOM killer does)
         server.kill()
         server.wait(timeout=10)
@@ -403,28 +400,24 @@ def test_the_watch_fails_a_run_whose_server_process_is_gone_while_the_superlink_
             server.kill()
 
 
-def test_the_watch_ignores_the_previous_runs_server_process_exiting_on_a_shared_superlink(tmp_path):
+@pytest.mark.parametrize("lingers", [False, True])
+def test_a_shared_superlink_submits_the_next_run_only_once_the_previous_runs_server_process_is_gone(tmp_path,
+                                                                                                   lingers):
     from fedclinic.runtime.processes import flower_env
-    from fedclinic.runtime.simulation import ServerWatch
+    from fedclinic.runtime.simulation import previous_servers_gone, server_processes
 
-    # Prepare: a sweep's previous point's flwr-simulation, still exiting when the next point's watch starts
+    # Prepare: a sweep's previous point's flwr-simulation, exiting in 1 s, or hung
     home = tmp_path / ".flwr"
-    previous = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "flwr-simulation"],
-                                env=flower_env(home))
+    previous = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({60 if lingers else 1})",
+                                 "flwr-simulation"], env=flower_env(home))
     try:
         deadline = time.monotonic() + 10
-        while not ServerWatch(AnsweringConnection(home), run_id=1).earlier and time.monotonic() < deadline:
-            time.sleep(0.05)
-        watch = ServerWatch(AnsweringConnection(home), run_id=2, grace=0.05)  # no verdicts: asking one would fail
-        watch()
-        # Execute: it exits before this run's server process has started
-        previous.kill()
-        previous.wait(timeout=10)
-        for _ in range(5):
-            watch()
-            time.sleep(0.06)
-        # Assert: nothing was asked, nothing failed
-        assert not watch.seen
+        while not server_processes(home) and time.monotonic() < deadline:
+            time.sleep(0.05)  # its environment is readable once it runs
+        # Execute
+        previous_servers_gone(home, timeout=3.0)
+        # Assert: gone, by itself or stopped after the timeout, so ServerWatch sees the next run's process alone
+        assert server_processes(home) == set() and previous.wait(timeout=10) == (-15 if lingers else 0)
     finally:
         if previous.poll() is None:
             previous.kill()

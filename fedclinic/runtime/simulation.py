@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from fedclinic.config import Config
-from fedclinic.runtime.processes import Daemon, FlowerError, command_of, free_port, stop_all, with_env
+from fedclinic.runtime.processes import (Daemon, FlowerError, command_of, free_port, stop_all, stop_processes,
+                                         with_env)
 from fedclinic.runtime.runs import Connection, follow, submit
 
 
@@ -63,12 +64,32 @@ class LocalSuperLink:
         self.stop()
 
     def up(self) -> "LocalSuperLink":
-        """Started and answering: started on the first call (a sweep whose points are all done starts nothing)."""
-        return self if self.daemon.running() else self.start().wait()
+        """Started and answering: started on the first call (a sweep whose points are all done starts nothing).
+
+        On later calls the previous run's ServerApp process may still be exiting; it is waited for, so that
+        ServerWatch follows the next run's process alone.
+        """
+        if not self.daemon.running():
+            return self.start().wait()
+        previous_servers_gone(self.connection.flwr_home)
+        return self
 
     def stop(self) -> None:
         """Stop the SuperLink and everything it started (SuperExec, simulation, Ray)."""
         stop_all([self.daemon], self.connection.flwr_home)
+
+
+def server_processes(flwr_home: Path) -> set[int]:
+    """The processes of this FLWR_HOME that run a ServerApp (flwr-simulation)."""
+    return {pid for pid in with_env(f"FLWR_HOME={flwr_home}") if "flwr-simulation" in command_of(pid)}
+
+
+def previous_servers_gone(flwr_home: Path, timeout: float = 30.0) -> None:
+    """Return once no ServerApp process of a finished run is left; one still there after `timeout` s is stopped."""
+    deadline = time.monotonic() + timeout
+    while server_processes(flwr_home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    stop_processes(server_processes(flwr_home))
 
 
 class ServerWatch:
@@ -83,16 +104,10 @@ class ServerWatch:
 
     def __init__(self, connection: Connection, run_id: int, *, grace: float = 5.0) -> None:
         self.connection, self.run_id, self.grace = connection, run_id, grace
-        self.marker = f"FLWR_HOME={connection.flwr_home}"
         self.seen, self.gone_since = False, None
-        # on a sweep's shared SuperLink the previous point's process may still be exiting: not this run's
-        self.earlier = self.servers()
-
-    def servers(self) -> set[int]:
-        return {pid for pid in with_env(self.marker) if "flwr-simulation" in command_of(pid)}
 
     def __call__(self) -> None:
-        if self.servers() - self.earlier:
+        if server_processes(self.connection.flwr_home):
             self.seen, self.gone_since = True, None
         elif self.seen and self.gone_since is None:
             self.gone_since = time.monotonic()
