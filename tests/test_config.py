@@ -66,14 +66,16 @@ def test_flower_run_config_gives_the_same_config():
         ("federation.rounds=0", "federation.rounds must be at least 1, got 0"),
         ("privacy.accountant='gdp'", "privacy.accountant must be rdp or prv, got 'gdp'"),
         ("federation.rounds=2.5", "federation.rounds must be a int, got 2.5"),
-        ("privacy.mode=1", "privacy.mode must be a str, got 1"),
+        # an unquoted value of a text key is its text (federation.attack=nan is the attack, not a float)
+        ("privacy.mode=1", "privacy.mode must be one of local, central, both, off, got '1'"),
         ("privacy.mode=strict", "privacy.mode must be one of local, central, both, off, got 'strict'"),
         ("privacy.noise-multiplier=-1", "privacy.noise-multiplier must be >= 0, got -1"),
         ('privacy.site-budgets="1:3"', 'privacy.site-budgets must look like "0=2.5,3=4" (site=epsilon), got \'1:3\''),
         ('privacy.site-budgets="2=0"', "privacy.site-budgets: site 2's epsilon must be > 0"),
         ("privacy.central-noise-multiplier=0", "privacy.central-noise-multiplier must be > 0, got 0"),
         ("federation.strategy=fedsgd",
-         "federation.strategy must be one of fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox, got 'fedsgd'"),
+         "federation.strategy must be one of fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox, fedmedian, "
+         "fedtrimmedavg, krum, multikrum, bulyan, got 'fedsgd'"),
         ("federation.server-learning-rate=-0.1", "federation.server-learning-rate must be >= 0 (0 = Flower's default), "
                                                  "got -0.1"),
         ("federation.server-momentum=1", "federation.server-momentum must be in [0, 1), got 1"),
@@ -87,6 +89,15 @@ def test_impossible_settings_are_refused_with_the_bad_value(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert words in str(err.value)
+
+
+def test_a_config_file_gives_a_text_key_a_number_and_is_refused(tmp_path):
+    # (on the command line an unquoted value of a text key is text; in a TOML file the types are the file's)
+    path = tmp_path / "c.toml"
+    path.write_text("[privacy]\nmode = 1\n")
+    with pytest.raises(ConfigError, match="privacy.mode must be a str, got 1"):
+        load_config(path)
+    assert load_config(None, ["federation.attackers=1", "federation.attack=nan"]).federation.attack == "nan"
 
 
 def test_unknown_key_suggests_the_nearest_valid_key(tmp_path):

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "fedclinic"
 LAYERS = {
     "config": 0, "scattering": 0, "device": 0, "atomic": 0,
     "data": 1, "privacy": 1,
-    "model": 2,
+    "model": 2, "poisoning": 2,
     "evaluation": 3,
     "analysis": 4, "report": 4, "runtime": 4,
     "clients": 5, "strategies": 5,

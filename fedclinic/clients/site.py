@@ -20,6 +20,7 @@ from fedclinic.data import ImageSet, load_site_file, site_data
 from fedclinic.device import resolve_device
 from fedclinic.evaluation import evaluate
 from fedclinic.model import build_model
+from fedclinic.poisoning.attacks import poison_data, poison_update
 from fedclinic.privacy.ledger import ROUND, Ledger, Plan, make_plan
 
 
@@ -62,6 +63,8 @@ def train_round(config: Config, site: Site, state_dict: dict, *, server_round: i
 
 def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, server_round: int, mu: float):
     train, _ = site.data(config)
+    attack = config.federation.attack_of(site.index)  # "" for an honest site
+    train = poison_data(attack, train)
     if site.data_path is not None:  # a deployed site: only it knows its size, so it checks itself
         check_site_size(config, len(train), site=site.index)
     budget = site.budget(config)
@@ -99,6 +102,9 @@ def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, s
         lr_scale=round_lr_scale(config.training, server_round, config.federation.rounds),
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # an attacker sends something else instead: post-processing of its release, the ledger is unchanged
+    state = poison_update(attack, state_dict, state, boost=config.federation.attack_boost,
+                          seed=training_seed(config, site.index, server_round))
     stats = {"train-loss": result.loss, "train-seconds": result.seconds, "steps": result.steps,
              "sigma": result.noise_multiplier, "sample-rate": result.sample_rate}
     if config.privacy.local:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedclinic.config.federation import POISONING, ROBUST, STRATEGIES, FederationConfig  # noqa: F401
 from fedclinic.config.sections import (  # noqa: F401 (the public names of fedclinic.config)
     ConfigError,
     _require,
@@ -26,8 +27,6 @@ from fedclinic.config.sections import (  # noqa: F401 (the public names of fedcl
     TrainingConfig,
     MODES,
     PrivacyConfig,
-    STRATEGIES,
-    FederationConfig,
     PersonalizeConfig,
     ATTACKS,
     NORMS,
@@ -126,7 +125,8 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """`privacy.target-epsilon=3` -> ("privacy.target-epsilon", 3.0); bare words are strings."""
+    """`privacy.target-epsilon=3` -> ("privacy.target-epsilon", 3.0); bare words are strings, and so is any
+    unquoted value of a text key (`federation.attack=nan` is the attack, `federation.attackers=1` one site)."""
     if "=" not in text:
         raise ConfigError(f"--set expects key=value, got {text!r}")
     key, raw = (s.strip() for s in text.split("=", 1))
@@ -136,6 +136,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # an unquoted string such as a file path
+    if isinstance(DEFAULTS[key], str) and not isinstance(value, str):
+        value = raw
     return key, value
 
 
@@ -214,6 +216,19 @@ def check_federation(config: Config, sites: int) -> None:
         f"privacy.site-budgets names site {unknown[0] if unknown else ''}, "
         f"but the sites are numbered 0 to {sites - 1}",
     )
+    fed = config.federation
+    outside = [k for k in fed.attacking_sites() if k >= sites]
+    _require(not outside, f"federation.attackers names site {outside[0] if outside else ''}, "
+             f"but the sites are numbered 0 to {sites - 1}")
+    _require(fed.strategy != "bulyan" or sites >= 4 * fed.num_malicious + 3,
+             f"federation.strategy=bulyan needs at least 4 * federation.num-malicious + 3 = "
+             f"{4 * fed.num_malicious + 3} sites, the federation has {sites}; lower federation.num-malicious")
+    _require(fed.strategy != "multikrum" or fed.krum_select <= sites,
+             f"federation.krum-select={fed.krum_select} is more than the federation's {sites} sites")
+    _require(not (config.privacy.central and fed.strategy in ROBUST),
+             f"privacy.mode={config.privacy.mode} cannot be combined with federation.strategy={fed.strategy}: "
+             "Flower's central-DP wrapper adds its noise to a mean of clipped updates, which a robust "
+             "aggregator does not make; use record-level DP (privacy.mode=local) with it")
 
 
 def replace(config: Config, **sections: Mapping[str, Any]) -> Config:

@@ -117,7 +117,7 @@ class RunRecorder:
         self, server_round: int, scores: dict, site_metrics: list[dict], central_epsilon: float | None = None
     ) -> str:
         """Record the central evaluation after `server_round`; returns a progress line."""
-        trained = [m for m in site_metrics if m["round"] == server_round and not m["declined"]]
+        trained = [m for m in site_metrics if m["round"] == server_round and not m["declined"] and not m.get("refused")]
         row = {
             "round": server_round,
             **{k: float(scores[k]) for k in ("loss", "accuracy", "f1", "iou", "seconds")},
@@ -201,21 +201,21 @@ class RunRecorder:
 
     def _write_metrics_csv(self, site_metrics: list[dict]) -> None:
         columns = ["round", "site", "num_examples", "loss", "accuracy", "f1", "iou", "epsilon", "sigma", "seconds",
-                   "declined"]
+                   "declined", "refused"]
         with open(self.path / "metrics.csv", "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(columns)
             for r in self.central:
                 out.writerow([r["round"], "central", "", r["loss"], r["accuracy"], r["f1"], r["iou"],
-                              r["max_epsilon"], "", r["seconds"], ""])
+                              r["max_epsilon"], "", r["seconds"], "", ""])
             for m in sorted(site_metrics, key=lambda m: (m["round"], m["site"])):
                 out.writerow([m["round"], int(m["site"]), int(m["num-examples"]), m["train-loss"], "", "", "",
-                              m["epsilon"], m["sigma"], m["train-seconds"], int(m["declined"])])
+                              m["epsilon"], m["sigma"], m["train-seconds"], int(m["declined"]), m.get("refused", "")])
 
 
 def summarize_sites(site_metrics: list[dict], config: Config, personalization: dict | None = None) -> list[dict]:
     """Per site: n, sigma, epsilon spent (the fine-tuning included), budget, delta, rounds trained, the round it
-    stopped in (if it did), whether it fine-tuned after the last round."""
+    stopped in (if it did), whether it fine-tuned after the last round, the rounds the server refused its reply in."""
     tuned = {s["site"]: s for s in (personalization or {"sites": []})["sites"] if not s["declined"]}
     by_site: dict[int, list[dict]] = {}
     for m in site_metrics:
@@ -224,6 +224,7 @@ def summarize_sites(site_metrics: list[dict], config: Config, personalization: d
     for site, replies in sorted(by_site.items()):
         last = replies[-1]
         declined = [int(m["round"]) for m in replies if m["declined"]]
+        refused = [m["refused"] for m in replies if m.get("refused")]
         spent = tuned.get(site, {}).get("epsilon")  # after the fine-tuning, when the site fine-tuned under DP
         rows.append({
             "site": site,
@@ -236,6 +237,8 @@ def summarize_sites(site_metrics: list[dict], config: Config, personalization: d
             "last_round": max((int(m["round"]) for m in replies if not m["declined"]), default=0),
             "stopped_in_round": min(declined, default=None),
             "finetuned": site in tuned,
+            "refused": len(refused),
+            "refused_reason": refused[-1] if refused else None,
         })
     return rows
 

@@ -62,6 +62,8 @@ class SiteResult:
     last_round: int
     stopped_in_round: int | None
     finetuned: bool
+    refused: int = 0  # rounds in which the server refused the site's reply (poisoning/validation.py)
+    refused_reason: str | None = None  # why, the last time
 
 
 @dataclass(frozen=True)

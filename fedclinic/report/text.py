@@ -87,6 +87,26 @@ def _privacy_section(results: dict) -> list[str]:
     return lines
 
 
+def _poisoning_section(results: dict) -> list[str]:
+    """Who attacked, with what, against which aggregator; and every site whose replies the server refused."""
+    cfg, lines = results["config"], []
+    if cfg.get("federation.attackers"):
+        boost = f" (boost {cfg['federation.attack-boost']:g})" if cfg["federation.attack"] in ("sign-flip", "scale") else ""
+        lines += [f"Simulated attack: site(s) {cfg['federation.attackers']} ran `{cfg['federation.attack']}`{boost} "
+                  f"inside their ClientApp; the server aggregated with `{cfg['federation.strategy']}`. The accuracy "
+                  "below is under that attack.", ""]
+    refused = [s for s in results["sites"] if s.get("refused")]
+    if refused:
+        lines += ["The server refused these sites' replies (left out of the round's aggregate):", "",
+                  "| site | rounds refused | last reason |", "| ---: | ---: | :--- |"]
+        lines += [f"| {s['site']} | {s['refused']} | {s['refused_reason']} |" for s in refused]
+        failing = [str(s["site"]) for s in refused if s["refused"] >= 2]
+        if failing:
+            lines += ["", f"**Site {', '.join(failing)} keeps failing:** its replies were refused in more than one "
+                      "round; look at that site before the next run."]
+    return ["", "## Under poisoning", "", *lines] if lines else []
+
+
 def _robustness_section(rob: dict) -> list[str]:
     lines = [
         "## Under attack",
@@ -268,6 +288,7 @@ def render_report(results: dict, path: Path) -> str:
         "",
     ]
     lines += _privacy_section(results)
+    lines += _poisoning_section(results)
     lines += [
         "",
         "## The global model on the server's held-out test set",

@@ -78,4 +78,5 @@ def build_strategy(config: Config, *, sites: int, rounds: int) -> SiteRounds:
             accountant=accountant,
         )
     return SiteRounds(strategy, min_sites=min_sites, rounds=rounds, sites=sites, rejoin_wait=fed.rejoin_wait,
-                      fraction_train=fed.fraction_train, server_optimizer=server_optimizer)
+                      fraction_train=fed.fraction_train, server_optimizer=server_optimizer,
+                      reply_norm_ratio=fed.reply_norm_ratio)

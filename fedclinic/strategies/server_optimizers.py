@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
+from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg,
+                                    FedYogi, Krum, MultiKrum, Strategy)
 
 from fedclinic.config import FederationConfig
 
@@ -34,6 +35,12 @@ STRATEGIES: dict[str, tuple[type[FedAvg], dict[str, str]]] = {
     "fedyogi": (FedYogi, _ADAPTIVE),
     "fedadagrad": (FedAdagrad, {"eta": "server_learning_rate", "tau": "tau"}),  # its betas are fixed at 0
     "fedprox": (FedProx, {"proximal_mu": "proximal_mu"}),
+    # the robust aggregators: a coordinate-wise median or trimmed mean, or the replies nearest the others
+    "fedmedian": (FedMedian, {}),
+    "fedtrimmedavg": (FedTrimmedAvg, {"beta": "trim_beta"}),
+    "krum": (Krum, {"num_malicious_nodes": "num_malicious"}),
+    "multikrum": (MultiKrum, {"num_malicious_nodes": "num_malicious", "num_nodes_to_select": "krum_select"}),
+    "bulyan": (Bulyan, {"num_malicious_nodes": "num_malicious"}),
 }
 
 

@@ -23,6 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
+from fedclinic.poisoning.validation import norm_outliers, reply_problem, update_norm
 from fedclinic.strategies.server_optimizers import load_optimizer_state, optimizer_state, step_from_mean
 
 
@@ -79,7 +80,33 @@ def _site_of(msg: Message) -> tuple[int, int]:
     return (0, int(_metrics(msg.content)["site"]))
 
 
-def _in_dtypes_of(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+def _arrays_of(msg: Message) -> dict:
+    """A reply's model as numpy arrays, by name."""
+    return {k: a.numpy() for k, a in next(iter(msg.content.array_records.values())).items()}
+
+
+def refusals(sent: ArrayRecord, replies: list[Message], *, norm_ratio: float) -> dict[int, str]:
+    """{site: why its reply cannot be aggregated} for the replies of sites that trained, against the model `sent`:
+    arrays that are not the model's, NaN or inf, an update norm far outside the others' (poisoning/validation.py)."""
+    model = {k: a.numpy() for k, a in sent.items()}
+    refused, norms = {}, {}
+    for msg in replies:
+        site, arrays = int(_metrics(msg.content)["site"]), _arrays_of(msg)
+        problem = reply_problem(model, arrays)
+        if problem is None:
+            norms[site] = update_norm(model, arrays)
+        else:
+            refused[site] = problem
+    return {**refused, **norm_outliers(norms, ratio=norm_ratio)}
+
+
+def _dtypes(replies: list[Message]) -> dict:
+    """The dtype of each array of the sites' models (read before aggregating: FedMedian empties the replies)."""
+    arrays = next((_arrays_of(m) for m in replies if not m.has_error()), {})
+    return {k: a.dtype for k, a in arrays.items()}
+
+
+def _in_dtypes(arrays: ArrayRecord, dtypes: dict) -> ArrayRecord:
     """`arrays` in the dtypes of the sites' models.
 
     FedAdam's bias-corrected step size is a numpy float64, which promotes
@@ -87,10 +114,9 @@ def _in_dtypes_of(arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
     checkpoint hold float32, so a resumed run would start from other numbers
     than the uninterrupted one goes on with.
     """
-    sent = next(iter(next(m for m in replies if not m.has_error()).content.array_records.values()))
-    if all(arrays[k].dtype == sent[k].dtype for k in arrays):
+    if all(arrays[k].dtype == dtypes[k] for k in arrays):
         return arrays
-    return ArrayRecord({k: Array(a.numpy().astype(sent[k].numpy().dtype)) for k, a in arrays.items()})
+    return ArrayRecord({k: Array(a.numpy().astype(dtypes[k])) for k, a in arrays.items()})
 
 
 class SiteRounds(Strategy):
@@ -104,13 +130,16 @@ class SiteRounds(Strategy):
 
     def __init__(self, strategy: Strategy, *, min_sites: int, rounds: int, sites: int = 0,
                  rejoin_wait: float = 0.0, fraction_train: float = 1.0,
-                 server_optimizer: FedAvg | None = None) -> None:
+                 server_optimizer: FedAvg | None = None, reply_norm_ratio: float = 0.0) -> None:
         self.strategy = strategy
+        self.reply_norm_ratio = reply_norm_ratio
+        self.sent: ArrayRecord | None = None  # the global model of the round, which the replies are checked against
         self.server_optimizer = server_optimizer
         self.rounds = rounds
         self.min_sites = min_sites
         self.sites, self.rejoin_wait, self.fraction_train = sites, rejoin_wait, fraction_train
-        self.site_metrics: list[dict] = []  # one dict per (round, site) that replied, declined ones too
+        # one dict per (round, site) that replied, declined ones too; "refused": why the server left its reply out
+        self.site_metrics: list[dict] = []
         self.declines: list[str] = []  # each site's reason, the first round it declined
         self.stop_reason = ""
         self.offset = 0  # rounds finished before a resume: Flower's round r is the federation's round r + offset
@@ -167,6 +196,7 @@ class SiteRounds(Strategy):
         dp = self._central()
         if dp is not None:  # Flower's accountant checks its event against the sites FedAvg samples now
             dp.num_sampled_clients = min(present, max(int(present * self.fraction_train), self.min_sites))
+        self.sent = arrays
         messages = self.strategy.configure_train(server_round, arrays, config, grid)
         if self.server_optimizer is not None:  # it records the model it will step from; what it would send is not sent
             self.server_optimizer.configure_train(server_round, arrays, ConfigRecord(), grid)
@@ -184,17 +214,27 @@ class SiteRounds(Strategy):
             if msg.has_error():  # e.g. a site whose data file is unusable, or a SuperNode that went away
                 log(WARNING, "fedclinic: round %d: node %d failed and is left out: %s", server_round,
                     msg.metadata.src_node_id, failure(msg.error.reason))
-        for msg in answered:
-            self.site_metrics.append({"round": server_round, **dict(_metrics(msg.content))})
-            self._note_decline(msg, server_round)
         trained = [msg for msg in answered if not _metrics(msg.content)["declined"]]
+        # before any strategy sees them (central DP and the robust aggregators too)
+        refused = {} if self.sent is None else refusals(self.sent, trained, norm_ratio=self.reply_norm_ratio)
+        for msg in answered:
+            site = int(_metrics(msg.content)["site"])
+            self.site_metrics.append({"round": server_round, **dict(_metrics(msg.content)),
+                                      "refused": refused.get(site, "")})
+            self._note_decline(msg, server_round)
+            if site in refused:
+                log(WARNING, "fedclinic: round %d: site %d's reply is refused and left out: %s", server_round, site,
+                    refused[site])
+        trained = [msg for msg in trained if int(_metrics(msg.content)["site"]) not in refused]
         if len(trained) < self.min_sites and server_round < self.rounds:
             self.stop_reason = (
                 f"the run ended early, after round {server_round} of {self.rounds}: only {len(trained)} site(s) "
                 f"trained in it, fewer than federation.min-sites={self.min_sites}"
             )
             log(WARNING, "fedclinic: %s", self.stop_reason)
-        replies = [msg for msg in replies if msg.has_error() or not _metrics(msg.content)["declined"]]
+        kept = {id(msg) for msg in trained}
+        replies = [msg for msg in replies if msg.has_error() or id(msg) in kept]
+        dtypes = _dtypes(replies)
         dp = self._central()
         if dp is not None:  # Flower's DP path refuses a whole round that holds a failed reply
             replies = [msg for msg in replies if not msg.has_error()]
@@ -213,7 +253,7 @@ class SiteRounds(Strategy):
             return None, metrics
         if self.server_optimizer is not None:  # a step from the private mean: post-processing, no privacy spent
             arrays = step_from_mean(self.server_optimizer, server_round, arrays)
-        return _in_dtypes_of(arrays, replies), metrics
+        return _in_dtypes(arrays, dtypes), metrics
 
     def _note_decline(self, msg: Message, server_round: int) -> None:
         if "status" in msg.content.config_records:

@@ -1,0 +1,59 @@
+"""What the server refuses in a site's reply before aggregating it.
+
+    problem = reply_problem(sent, reply)          # None, or one sentence: keys, shapes, dtypes, NaN/inf
+    refused = norm_outliers({site: update_norm(sent, arrays), ...}, ratio=10)   # {site: reason}
+
+`sent` and `reply` map each array's name to a numpy array: the global model
+the server sent with the round, and what the site sent back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MIN_REPLIES_FOR_NORMS = 3  # with two replies nobody can tell which one is far out
+
+
+def reply_problem(sent: dict[str, np.ndarray], reply: dict[str, np.ndarray]) -> str | None:
+    """Why the reply cannot be aggregated with the model that was sent, in one sentence; None when it can."""
+    missing, extra = sorted(set(sent) - set(reply)), sorted(set(reply) - set(sent))
+    if missing or extra:
+        parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+        return f"its arrays are not the model's: {' and '.join(parts)}"
+    for name, array in sent.items():
+        got = reply[name]
+        if got.shape != array.shape:
+            return f"{name!r} has shape {tuple(got.shape)}, the model's is {tuple(array.shape)}"
+        if got.dtype != array.dtype:
+            return f"{name!r} is {got.dtype}, the model's is {array.dtype}"
+        if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
+            return f"{name!r} holds non-finite values (NaN or inf)"
+    return None
+
+
+def update_norm(sent: dict[str, np.ndarray], reply: dict[str, np.ndarray]) -> float:
+    """The L2 norm of the update, reply minus sent, over every floating-point array (in float64)."""
+    total = 0.0
+    for name, array in sent.items():
+        if np.issubdtype(array.dtype, np.inexact):
+            total += float(np.sum((reply[name].astype(np.float64) - array.astype(np.float64)) ** 2))
+    return math.sqrt(total)
+
+
+def norm_outliers(norms: dict[int, float], *, ratio: float) -> dict[int, str]:
+    """{site: reason} for each update whose norm is over `ratio` times the median of the round's other updates.
+
+    The rule needs at least three replies (two others to take a median of);
+    `ratio` 0 turns it off.
+    """
+    if not ratio or len(norms) < MIN_REPLIES_FOR_NORMS:
+        return {}
+    refused = {}
+    for site, norm in norms.items():
+        others = float(np.median([n for s, n in norms.items() if s != site]))
+        if others > 0 and norm > ratio * others:
+            refused[site] = (f"its update's norm {norm:.4g} is {norm / others:.1f} times the median of the round's "
+                             f"other replies ({others:.4g}), over federation.reply-norm-ratio={ratio:g}")
+    return refused
