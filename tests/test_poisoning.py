@@ -9,10 +9,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-from fedclinic.config import ROBUST, ConfigError, load_config
+from fedclinic.config import ROBUST, load_config
 from fedclinic.data import site_data
 from fedclinic.poisoning.attacks import poison_data, poison_update
 from fedclinic.poisoning.validation import norm_outliers, reply_problem, update_norm
+from fedclinic.report.schema import Results
 from fedclinic.strategies.build import build_strategy
 from fedclinic.strategies.server_optimizers import STRATEGIES as FLOWER_CLASSES
 from test_strategy import Connected, global_model, numpy_of, random_sites, replies_to, reply, run_round
@@ -206,7 +207,8 @@ def test_a_simulated_nan_site_is_refused_every_round_and_the_robust_run_learns_w
     # Assert: site 3 refused in both rounds with the reason, the others aggregated, the model is finite and learned
     by_site = {s["site"]: s for s in results["sites"]}
     assert by_site[3]["refused"] == 2 and "holds non-finite values" in by_site[3]["refused_reason"]
-    assert all(by_site[k]["refused"] == 0 for k in (0, 1, 2))
+    assert all(by_site[k]["refused"] == 0 and "refused_reason" not in by_site[k] for k in (0, 1, 2))
+    assert Results.from_dict(results).to_dict() == results  # the schema reads and writes the new keys as written
     assert by_site[3]["epsilon"] > 0  # an attacker is a site: it trained, and its ledger charged it
     assert [r["sites_trained"] for r in results["rounds"][1:]] == [3, 3]
     state = torch.load(run / "global_model.pt", weights_only=False)

@@ -238,7 +238,7 @@ def summarize_sites(site_metrics: list[dict], config: Config, personalization: d
             "stopped_in_round": min(declined, default=None),
             "finetuned": site in tuned,
             "refused": len(refused),
-            "refused_reason": refused[-1] if refused else None,
+            **({"refused_reason": refused[-1]} if refused else {}),  # absent for a site never refused, as the schema
         })
     return rows
 
