@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from fedclinic.config import Config, ConfigError, check_sites, pinned
+from fedclinic.config import Config, ConfigError, check_classes, check_sites, pinned
 from fedclinic.report.schema import Results
 
 if TYPE_CHECKING:
@@ -82,10 +82,12 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
 
 def check_config(config: Config) -> None:
     """Refuse what the sites' actual sizes or the privacy budget make impossible, before anything runs."""
-    from fedclinic.data import site_sizes
+    from fedclinic.data import CLASS_NAMES, site_sizes
 
     sizes = site_sizes(config.data, config.federation.sites)
     check_sites(config, sizes)
+    if not config.data.path:  # the simulated data's classes (the ServerApp checks a user's against its test set)
+        check_classes(config, CLASS_NAMES)
     check_budget(config, min(sizes))
 
 

@@ -11,8 +11,9 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedclinic.config import ROBUST, load_config
 from fedclinic.data import site_data
-from fedclinic.poisoning.attacks import poison_data, poison_update
-from fedclinic.poisoning.validation import norm_outliers, reply_problem, update_norm
+from fedclinic.evaluation import backdoor_success_rate
+from fedclinic.poisoning.attacks import BACKDOOR_SHARE, add_trigger, poison_data, poison_update
+from fedclinic.poisoning.validation import clip_update, norm_outliers, reply_problem, update_norm
 from fedclinic.report.schema import Results
 from fedclinic.strategies.build import build_strategy
 from fedclinic.strategies.server_optimizers import STRATEGIES as FLOWER_CLASSES
@@ -164,6 +165,69 @@ def test_label_flip_gives_every_training_image_a_wrong_label_and_nothing_else_ch
     assert poison_data("", train) is train
 
 
+def test_a_backdoor_puts_the_trigger_on_half_the_images_labels_them_the_target_and_keeps_the_rest():
+    train, _ = site_data(load_config(None, []).data, 0, 5)
+    poisoned = poison_data("backdoor", train, target=0, seed=7)
+    changed = np.flatnonzero((poisoned.images != train.images).any(axis=(1, 2, 3)) | (poisoned.labels != train.labels))
+    assert len(poisoned) == len(train) and abs(len(changed) - BACKDOOR_SHARE * len(train)) <= 1
+    triggered = add_trigger(train.images[changed])
+    assert np.array_equal(poisoned.images[changed], triggered) and np.all(poisoned.labels[changed] == 0)
+    # the trigger: a checkerboard of 0 and 255 in the bottom-right corner, the same on every image
+    corner = triggered[:, :, -5:-1, -5:-1]
+    assert set(np.unique(corner)) == {0, 255} and np.all(corner == corner[:1])
+    kept = np.setdiff1d(np.arange(len(train)), changed)
+    assert np.array_equal(poisoned.images[kept], train.images[kept]) and np.array_equal(poisoned.labels[kept],
+                                                                                        train.labels[kept])
+    # the same seed poisons the same images in every round
+    assert np.array_equal(poison_data("backdoor", train, target=0, seed=7).images, poisoned.images)
+    with pytest.raises(ValueError, match="federation.backdoor-target=3 is not a class of the data"):
+        poison_data("backdoor", train, target=3, seed=7)
+
+
+class Says(torch.nn.Module):
+    """A model that answers class 0 when an image carries the trigger's corner and class 2 otherwise."""
+
+    def forward(self, x):
+        on = (x[:, 0, -5, -5] > 0.99) & (x[:, 0, -5, -4] < 0.01)
+        logits = torch.stack([on.float(), torch.zeros(len(x)), (~on).float()], dim=1)
+        return logits, torch.zeros(len(x), 4)
+
+
+def test_the_backdoor_success_rate_is_the_share_of_triggered_images_of_other_classes_classified_as_the_target():
+    _, test = site_data(load_config(None, []).data, 0, 5)
+    # Execute / Assert: the target is 0: every image of another class is taken over by the trigger
+    assert backdoor_success_rate(Says(), test, target=0) == 1.0
+    # target 2: the model says 2 only without the trigger, so never on a triggered image of class 0 or 1
+    assert backdoor_success_rate(Says(), test, target=2) == 0.0
+    only_target = test.subset(np.flatnonzero(test.labels == 0))
+    assert np.isnan(backdoor_success_rate(Says(), only_target, target=0))  # no image of another class
+
+
+def test_clipping_scales_a_large_update_down_to_the_norm_and_leaves_a_small_one_and_integers_as_they_are():
+    sent = {"w": np.ones(4, np.float32), "steps": np.array(3, np.int64)}
+    big = {"w": np.array([4.0, 1.0, 1.0, 5.0], np.float32), "steps": np.array(9, np.int64)}  # update (3, 0, 0, 4)
+    clipped = clip_update(sent, big, max_norm=1.0)
+    np.testing.assert_allclose(clipped["w"], [1.6, 1.0, 1.0, 1.8], rtol=1e-6)  # the direction kept, norm 1
+    assert update_norm(sent, clipped) == pytest.approx(1.0) and clipped["w"].dtype == np.float32
+    assert int(clipped["steps"]) == 9
+    assert clip_update(sent, big, max_norm=5.0) is big
+
+
+def test_the_server_clips_every_kept_update_before_the_strategy_averages_it(flower_task):
+    # Prepare: three sites move w from 0 by 1, 1 and 100 (a boosted one); the norm rule off, the clip at 2
+    config = load_config(None, ["federation.min-sites=1", "federation.reply-norm-ratio=0",
+                                "federation.update-clip-norm=2"])
+    strategy = build_strategy(config, sites=3, rounds=2)
+    strategy.configure_train(1, ArrayRecord({"w": torch.zeros(4)}), ConfigRecord(), Connected(3))
+    updates = [np.full(4, 0.5, np.float32), np.full(4, 0.5, np.float32), np.full(4, 50.0, np.float32)]
+    # Execute
+    aggregate, _ = strategy.aggregate_train(1, [reply({"w": u}, n=100, site=i, loss=0.5, eps=1.0)
+                                                for i, u in enumerate(updates)])
+    # Assert: the mean of (0.5, 0.5, 1.0) per coordinate: the third update clipped from norm 100 to 2
+    np.testing.assert_allclose(aggregate["w"].numpy(), np.full(4, 2 / 3), rtol=1e-6)
+    assert [m["update-norm"] for m in strategy.site_metrics] == pytest.approx([1.0, 1.0, 100.0])
+
+
 @pytest.mark.parametrize("settings, said", [
     (["federation.attack=nan"], "federation.attackers and federation.attack go together"),
     (["federation.attackers=1"], "federation.attackers and federation.attack go together"),
@@ -181,6 +245,10 @@ def test_label_flip_gives_every_training_image_a_wrong_label_and_nothing_else_ch
     (["federation.strategy=bulyan"], "federation.strategy=bulyan needs at least 4 * federation.num-malicious + 3 = 7"),
     (["federation.strategy=krum", "privacy.mode=central"], "privacy.mode=central cannot be combined with "
                                                            "federation.strategy=krum"),
+    (["federation.attackers=1", "federation.attack=backdoor", "federation.backdoor-target=3"],
+     "federation.backdoor-target=3 is not a class of the data, whose classes are 0 healthy, 1 benign, 2 malignant"),
+    (["federation.backdoor-target=-1"], "federation.backdoor-target must be a class index >= 0"),
+    (["federation.update-clip-norm=-1"], "federation.update-clip-norm must be >= 0"),
 ])
 def test_every_poisoning_key_refuses_a_bad_value_in_one_sentence(settings, said, capsys):
     from fedclinic.cli import main

@@ -11,8 +11,8 @@ from fedclinic import cli
 from fedclinic.cli import run as cli_run
 from fedclinic.config import ConfigError, load_config, replace
 from fedclinic.report import run_directory
-from fedclinic.sweep import (COLUMNS, build_points, format_points, parse_values, point_row, run_points, write_csv,
-                             write_sweep)
+from fedclinic.sweep import (COLUMNS, build_points, format_points, parse_grid, parse_values, point_row, run_points,
+                             write_csv, write_sweep)
 
 TINY = ["--sites", "2", "--rounds", "1", "--set", "data.site-size=160", "--set", "data.test-size=100",
         "--set", "training.batch-size=32", "--set", "training.local-epochs=1",
@@ -76,6 +76,53 @@ def test_only_privacy_keys_differ_between_points(tmp_path):
     assert all(shared(p.config) == shared(base) for p in points)
 
 
+def test_a_poisoning_grid_crosses_every_privacy_point_with_every_attack_and_defence(tmp_path):
+    # Prepare
+    base = base_config(tmp_path)
+    attacks, defences = parse_grid("none,backdoor", "fedavg,krum,clip-0.5")
+    # Execute
+    points = build_points(base, epsilons=(8.0,), attacks=attacks, defences=defences, attackers="1,3")
+    # Assert
+    assert [p.label for p in points] == [f"{privacy}-{attack}-{defence}" for privacy in ("baseline", "eps-8")
+                                         for attack in ("none", "backdoor") for defence in ("fedavg", "krum", "clip-0.5")]
+    fed = {p.label: p.config.federation for p in points}
+    assert (fed["eps-8-backdoor-krum"].attack, fed["eps-8-backdoor-krum"].attackers) == ("backdoor", "1,3")
+    assert (fed["eps-8-none-krum"].attack, fed["eps-8-none-krum"].attackers) == ("", "")
+    # Krum is built for the two attackers also where nobody attacks: the same rule in every row
+    assert fed["eps-8-none-krum"].strategy == "krum" and fed["eps-8-none-krum"].num_malicious == 2
+    assert (fed["baseline-backdoor-clip-0.5"].strategy, fed["baseline-backdoor-clip-0.5"].update_clip_norm) == (
+        "fedavg", 0.5)
+    assert fed["baseline-none-fedavg"].update_clip_norm == 0
+    assert {p.config.privacy.mode for p in points if p.label.startswith("eps-8")} == {"local"}
+    assert [p.run_dir for p in points] == [tmp_path / "sw" / p.label for p in points]
+    assert parse_grid(None, None) == ((), ())
+
+
+def test_a_poisoning_grid_writes_its_table_and_plot(tmp_path):
+    # Prepare: the rows of a finished grid, with a backdoor's success rate where a backdoor ran
+    points = build_points(base_config(tmp_path), attacks=("none", "backdoor"), defences=("fedavg", "fedmedian"))
+    results = {"baseline-none-fedavg": fake_results(accuracy=0.9), "baseline-none-fedmedian": fake_results(accuracy=0.8),
+               "baseline-backdoor-fedavg": fake_results(accuracy=0.85),
+               "baseline-backdoor-fedmedian": fake_results(accuracy=0.82)}
+    results["baseline-backdoor-fedavg"]["final"]["backdoor_success_rate"] = 0.7
+    results["baseline-backdoor-fedmedian"]["final"]["backdoor_success_rate"] = 0.1
+    rows = [point_row(p, results[p.label]) for p in points]
+    # Execute
+    written = write_sweep(rows, tmp_path, grid=True)
+    # Assert
+    assert [w.name for w in written] == ["sweep.csv", "accuracy_vs_epsilon.png", "iou_vs_epsilon.png",
+                                         "poisoning.md", "poisoning.png"]
+    table = (tmp_path / "poisoning.md").read_text()
+    assert "| privacy | DP-SGD clip | attack | fedavg | fedmedian |" in table
+    assert "| off | — | none | 0.900 / 0.300 | 0.800 / 0.300 |" in table
+    assert "| off | — | backdoor | 0.850 / 0.300 / 0.700 | 0.820 / 0.300 / 0.100 |" in table
+    assert (tmp_path / "poisoning.png").read_bytes().startswith(b"\x89PNG")
+    written_rows = csv_rows(tmp_path / "sweep.csv")
+    assert [(r["attack"], r["defence"], r["backdoor_success_rate"]) for r in written_rows] == [
+        ("none", "fedavg", ""), ("none", "fedmedian", ""), ("backdoor", "fedavg", "0.7"), ("backdoor", "fedmedian", "0.1")]
+    assert "backdoor" in format_points(rows).splitlines()[0]
+
+
 def test_value_lists_are_parsed_and_repeats_dropped():
     assert parse_values("1, 3,8,3", "--epsilons") == (1.0, 3.0, 8.0)
     assert parse_values(None, "--epsilons") == ()
@@ -99,6 +146,12 @@ def test_a_bad_value_list_is_refused_in_one_sentence(text, words):
     (["--epsilons", "0"], "--epsilons values must be finite numbers > 0, got 0"),
     ([], "sweep needs --epsilons"),
     (["--epsilons", "1e-7"], "no noise level reaches epsilon=1e-07"),
+    (["--attacks", "none,flood"], "--attacks takes none, label-flip, sign-flip, scale, noise, nan, backdoor; got 'flood'"),
+    (["--defences", "fedavg,clip-0"], "--defences takes fedavg, "),
+    (["--defences", "median"], "or clip-C (updates clipped to norm C > 0, e.g. clip-1); got 'median'"),
+    (["--defences", "krum", "--attackers", "1;2"], 'federation.attackers must look like "1,3"'),
+    (["--attacks", "sign-flip", "--attackers", "7"], "federation.attackers names site 7"),
+    (["--defences", "bulyan"], "federation.strategy=bulyan needs at least 4 * federation.num-malicious + 3 = 7"),
 ])
 def test_the_command_refuses_bad_input_with_exit_2_before_anything_runs(tmp_path, capsys, args, words):
     code = cli.main(["sweep", *args, "--out", str(tmp_path)])
@@ -243,6 +296,37 @@ def test_a_real_sweep_writes_its_table_and_plots_and_the_same_command_again_reru
     assert out.count("reused") == 2 and "started" not in out
     assert {label: (sweep_dir / label / "results.json").stat().st_mtime_ns for label in rows} == finished
     # (which points a rerun runs again, a missing or partial one, is tested above on the same run_points)
+
+
+@pytest.mark.slow
+def test_a_real_poisoning_grid_runs_a_backdoor_against_each_defence_and_reports_its_success(tmp_path, capsys):
+    # Prepare: site 1 of 2 runs the backdoor from its real ClientApp; FedAvg, then FedAvg with updates clipped
+    command = ["sweep", "--attacks", "backdoor", "--defences", "fedavg,clip-0.05", "--attackers", "1", *TINY,
+               "--rounds", "2", "--set", "robustness.enabled=false", "--set", "privacy.audit=false",
+               "--out", str(tmp_path), "--name", "grid"]
+    sweep_dir = tmp_path / "grid"
+    # Execute
+    assert cli.main(command) == 0
+    capsys.readouterr()
+    # Assert: a row per defence, each with its run's final backdoor success rate, measured in every round
+    rows = {r["point"]: r for r in csv_rows(sweep_dir / "sweep.csv")}
+    assert list(rows) == ["baseline-backdoor-fedavg", "baseline-backdoor-clip-0.05"]
+    for label, row in rows.items():
+        results = json.loads((sweep_dir / label / "results.json").read_text())
+        assert results["config"]["federation.attack"] == "backdoor" and results["config"]["federation.attackers"] == "1"
+        assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
+        assert all(0 <= r["backdoor_success_rate"] <= 1 for r in results["rounds"])
+        assert float(row["backdoor_success_rate"]) == pytest.approx(results["final"]["backdoor_success_rate"])
+        assert row["attack"] == "backdoor" and "Backdoor success rate" in (sweep_dir / label / "report.md").read_text()
+    clipped = json.loads((sweep_dir / "baseline-backdoor-clip-0.05" / "results.json").read_text())
+    assert clipped["config"]["federation.update-clip-norm"] == 0.05
+    norms = [float(r["update_norm"]) for r in csv_rows(sweep_dir / "baseline-backdoor-clip-0.05" / "metrics.csv")
+             if r["site"] != "central"]
+    assert len(norms) == 4 and min(norms) > 0.05  # every update was over the norm, so every one was clipped
+    table = (sweep_dir / "poisoning.md").read_text()
+    row = table.splitlines()[-1]
+    assert row.startswith("| off | — | backdoor | ") and row.count(" / ") == 4  # accuracy / IoU / success, twice
+    assert (sweep_dir / "poisoning.png").read_bytes().startswith(b"\x89PNG")
 
 
 # --- baselines ----------------------------------------------------------------

@@ -126,13 +126,23 @@ def sweep_parser(sub) -> None:
         help="the privacy/utility trade-off: the non-private baseline and one simulation per privacy setting",
         description="Run the non-private baseline, then one simulation per target epsilon, per fixed noise "
         "multiplier, each crossed with every clipping norm; same data and seeds for every point. Writes "
-        "<out>/<name>/sweep.csv, accuracy_vs_epsilon.png, iou_vs_epsilon.png and one run directory per point. "
+        "<out>/<name>/sweep.csv, accuracy_vs_epsilon.png, iou_vs_epsilon.png and one run directory per point; "
+        "with --attacks or --defences, a poisoning grid (each privacy point crossed with every attack and "
+        "defence) that also writes poisoning.md and poisoning.png. "
         "Finished points are reused, so rerunning an interrupted sweep resumes it. Other options as in simulate.",
     )
     p.add_argument("--epsilons", metavar="E,E,...", help="target epsilons, e.g. 1,3,8 (sigma calibrated to each)")
     p.add_argument("--noise-multipliers", metavar="S,S,...",
                    help="fixed noise multipliers, e.g. 0.5,1.0 (a site stops when privacy.target-epsilon would be exceeded)")
     p.add_argument("--clipping-norms", metavar="C,C,...", help="per-example clipping norms to cross every private point with")
+    p.add_argument("--attacks", metavar="A,A,...",
+                   help="a poisoning grid: cross every privacy point with these attacks: none (nobody attacks), "
+                        "label-flip, sign-flip, scale, noise, nan, backdoor; adds poisoning.md and poisoning.png")
+    p.add_argument("--defences", metavar="D,D,...",
+                   help="a poisoning grid's defences: federation.strategy values (fedavg, fedmedian, fedtrimmedavg, "
+                        "krum, multikrum, bulyan, ...) or clip-C (FedAvg, every update clipped to L2 norm C)")
+    p.add_argument("--attackers", metavar="K,K,...", default="1",
+                   help="the attacking sites of a poisoning grid, unless federation.attackers is set (default 1)")
     p.add_argument("--baselines", action="store_true",
                    help="also the pooled and silo baselines of every point, in this process: at the non-private "
                         "point non-private, at each private point with DP-SGD at that point's epsilon")
@@ -142,16 +152,21 @@ def sweep_parser(sub) -> None:
 
 def sweep(args: argparse.Namespace) -> int:
     from fedclinic.runtime.simulation import LocalSuperLink
-    from fedclinic.sweep import build_points, default_name, format_points, parse_values, reusable, run_points, write_sweep
+    from fedclinic.sweep import (build_points, default_name, format_points, parse_grid, parse_values, reusable,
+                                 run_points, write_sweep)
 
-    if args.epsilons is None and args.noise_multipliers is None:
-        raise ConfigError("sweep needs --epsilons (e.g. 1,3,8) or --noise-multipliers (e.g. 0.5,1.0), or both")
+    attacks, defences = parse_grid(args.attacks, args.defences)
+    grid = bool(attacks or defences)
+    if args.epsilons is None and args.noise_multipliers is None and not grid:
+        raise ConfigError("sweep needs --epsilons (e.g. 1,3,8) or --noise-multipliers (e.g. 0.5,1.0), or both, "
+                          "or a poisoning grid's --attacks or --defences")
     # --baselines is left out: the same sweep with it adds the baselines to the points already finished
     options = {k: v for k, v in vars(args).items() if k not in ("quiet", "name", "baselines")}
     points = build_points(resolve(args, default_name=default_name(options)),
                           epsilons=parse_values(args.epsilons, "--epsilons"),
                           noise_multipliers=parse_values(args.noise_multipliers, "--noise-multipliers"),
-                          clipping_norms=parse_values(args.clipping_norms, "--clipping-norms"))
+                          clipping_norms=parse_values(args.clipping_norms, "--clipping-norms"),
+                          attacks=attacks, defences=defences, attackers=args.attackers)
     for point in points:
         check_config(point.config)
     base = points[0].config
@@ -179,7 +194,7 @@ def sweep(args: argparse.Namespace) -> int:
         print(f"fedclinic: sweep interrupted with {done} of {len(points)} points done; every process it started has "
               "been stopped; run the same command again to resume from there", file=sys.stderr)
         return 130
-    written = write_sweep(rows, sweep_dir)
+    written = write_sweep(rows, sweep_dir, grid=grid)
     print(format_points(rows))
     print(f"sweep directory: {sweep_dir}  ({', '.join(path.name for path in written)}, one run directory per point)")
     return 0

@@ -64,7 +64,9 @@ def train_round(config: Config, site: Site, state_dict: dict, *, server_round: i
 def _train_round(config: Config, site: Site, ledger: Ledger, state_dict: dict, server_round: int, mu: float):
     train, _ = site.data(config)
     attack = config.federation.attack_of(site.index)  # "" for an honest site
-    train = poison_data(attack, train)
+    # a backdoor poisons the same images every round: its seed is the site's, not the round's
+    train = poison_data(attack, train, target=config.federation.backdoor_target,
+                        seed=training_seed(config, site.index, 0))
     if site.data_path is not None:  # a deployed site: only it knows its size, so it checks itself
         check_site_size(config, len(train), site=site.index)
     budget = site.budget(config)

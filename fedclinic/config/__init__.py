@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedclinic.config.federation import POISONING, ROBUST, STRATEGIES, FederationConfig  # noqa: F401
+from fedclinic.config.federation import POISONING, ROBUST, STRATEGIES, FederationConfig, site_ids  # noqa: F401
 from fedclinic.config.sections import (  # noqa: F401 (the public names of fedclinic.config)
     ConfigError,
     _require,
@@ -229,6 +229,14 @@ def check_federation(config: Config, sites: int) -> None:
              f"privacy.mode={config.privacy.mode} cannot be combined with federation.strategy={fed.strategy}: "
              "Flower's central-DP wrapper adds its noise to a mean of clipped updates, which a robust "
              "aggregator does not make; use record-level DP (privacy.mode=local) with it")
+
+
+def check_classes(config: Config, class_names: tuple[str, ...]) -> None:
+    """Refuse a backdoor target that is not one of the data's classes."""
+    target = config.federation.backdoor_target
+    classes = ", ".join(f"{i} {name}" for i, name in enumerate(class_names))
+    _require(config.federation.attack != "backdoor" or target < len(class_names),
+             f"federation.backdoor-target={target} is not a class of the data, whose classes are {classes}")
 
 
 def replace(config: Config, **sections: Mapping[str, Any]) -> Config:

@@ -17,7 +17,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox"
               "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 # what a simulated attacking site does (fedclinic/poisoning/attacks.py)
-POISONING = ("label-flip", "sign-flip", "scale", "noise", "nan")
+POISONING = ("label-flip", "sign-flip", "scale", "noise", "nan", "backdoor")
 
 
 @dataclass(frozen=True)
@@ -75,10 +75,17 @@ class FederationConfig:
     attackers: str = ""
     # what the attackers do: label-flip (train on wrong labels), sign-flip (send the update negated, times
     # attack-boost), scale (the update times attack-boost: model replacement), noise (a Gaussian update of the
-    # update's norm), nan (NaN weights)
+    # update's norm), nan (NaN weights), backdoor (half its images carry a small trigger patch and are labelled
+    # federation.backdoor-target)
     attack: str = ""
     # sign-flip's and scale's factor on the attacker's update
     attack_boost: float = 10.0
+    # the class a backdoor's trigger relabels an image to (0 = healthy in the simulated data: a trigger that hides
+    # a lesion); the run reports the share of triggered test images of other classes classified as it
+    backdoor_target: int = 0
+    # the server clips each kept reply's update (its model minus the model sent) to this L2 norm before the
+    # strategy aggregates it: norm bounding without noise (0 = off; privacy.mode=central clips and adds noise)
+    update_clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.sites >= 1, f"federation.sites must be at least 1, got {self.sites}")
@@ -115,16 +122,25 @@ class FederationConfig:
                  "federation.attackers and federation.attack go together: name the attacking sites and what they do"
                  f" (got attackers={self.attackers!r}, attack={self.attack!r})")
         _require(self.attack_boost > 0, f"federation.attack-boost must be > 0, got {self.attack_boost}")
+        _require(self.backdoor_target >= 0, f"federation.backdoor-target must be a class index >= 0, "
+                 f"got {self.backdoor_target}")
+        _require(self.update_clip_norm >= 0,
+                 f"federation.update-clip-norm must be >= 0 (0 = no clipping), got {self.update_clip_norm}")
 
     def attacking_sites(self) -> tuple[int, ...]:
         """federation.attackers as site ids: "1,3" -> (1, 3)."""
-        try:
-            sites = tuple(sorted({int(s) for s in self.attackers.split(",") if s.strip()}))
-        except ValueError:
-            raise ConfigError(f'federation.attackers must look like "1,3" (site ids), got {self.attackers!r}') from None
-        _require(all(s >= 0 for s in sites), f"federation.attackers: site ids are >= 0, got {self.attackers!r}")
-        return sites
+        return site_ids(self.attackers)
 
     def attack_of(self, site: int) -> str:
         """What site `site` does to the federation: its attack, or "" for an honest site."""
         return self.attack if site in self.attacking_sites() else ""
+
+
+def site_ids(text: str) -> tuple[int, ...]:
+    """Attacking sites written as federation.attackers is: "1,3" -> (1, 3); ConfigError when malformed."""
+    try:
+        sites = tuple(sorted({int(s) for s in text.split(",") if s.strip()}))
+    except ValueError:
+        raise ConfigError(f'federation.attackers must look like "1,3" (site ids), got {text!r}') from None
+    _require(all(s >= 0 for s in sites), f"federation.attackers: site ids are >= 0, got {text!r}")
+    return sites

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fedclinic.data.imageset import ImageSet
 from fedclinic.model import multitask_loss
+from fedclinic.poisoning.attacks import add_trigger
 
 
 def _cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
@@ -172,3 +173,18 @@ def evaluate(
         "iou": lesion_ious.mean().item() if len(lesion_ious) else math.nan,
         "n": n,
     }
+
+
+def backdoor_success_rate(model: nn.Module, data: ImageSet, *, target: int, batch_size: int = 256,
+                          device: str | torch.device = "cpu") -> float:
+    """The share of `data`'s images not of class `target` that `model` classifies as `target` once they carry
+    the backdoor trigger (poisoning/attacks.py): the attack success rate. NaN when no image is of another class."""
+    others = data.subset(np.flatnonzero(data.labels != target))
+    if len(others) == 0:
+        return math.nan
+    triggered = ImageSet(add_trigger(others.images), others.labels, others.boxes, others.class_names)
+    hits = 0
+    with evaluating(model):
+        for images, _, _ in batches(triggered, batch_size=batch_size, device=device):
+            hits += int((model(images)[0].argmax(dim=1) == target).sum())
+    return hits / len(others)

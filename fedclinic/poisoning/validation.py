@@ -2,6 +2,7 @@
 
     problem = reply_problem(sent, reply)          # None, or one sentence: keys, shapes, dtypes, NaN/inf
     refused = norm_outliers({site: update_norm(sent, arrays), ...}, ratio=10)   # {site: reason}
+    arrays = clip_update(sent, arrays, max_norm=1.0)   # the update scaled down to norm 1 (if it was over)
 
 `sent` and `reply` map each array's name to a numpy array: the global model
 the server sent with the round, and what the site sent back.
@@ -57,3 +58,19 @@ def norm_outliers(norms: dict[int, float], *, ratio: float) -> dict[int, str]:
             refused[site] = (f"its update's norm {norm:.4g} is {norm / others:.1f} times the median of the round's "
                              f"other replies ({others:.4g}), over federation.reply-norm-ratio={ratio:g}")
     return refused
+
+
+def clip_update(sent: dict[str, np.ndarray], reply: dict[str, np.ndarray], *, max_norm: float) -> dict[str, np.ndarray]:
+    """`reply` with its update (reply minus sent, over the floating-point arrays, as `update_norm`) scaled to
+    `max_norm` when its norm is larger; integer arrays and an update within the norm are left as they are.
+
+    Written here rather than taken from Flower's central-DP clipping
+    (flwr.supercore.differential_privacy.compute_clip_model_update), which
+    counts integer buffers into the norm and cannot scale them in place.
+    """
+    norm = update_norm(sent, reply)
+    if norm <= max_norm:
+        return reply
+    factor = max_norm / norm
+    return {name: (sent[name] + factor * (array.astype(np.float64) - sent[name])).astype(array.dtype)
+            if np.issubdtype(array.dtype, np.inexact) else array for name, array in reply.items()}

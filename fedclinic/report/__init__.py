@@ -127,6 +127,8 @@ class RunRecorder:
             "sites_trained": len(trained),
             "elapsed": time.time() - self.started,
         }
+        if "backdoor_success_rate" in scores:  # only under a backdoor attack, as the schema has it
+            row["backdoor_success_rate"] = float(scores["backdoor_success_rate"])
         self.central.append(row)
         with open(self.path / "progress.jsonl", "a") as f:
             f.write(_progress_line(row))
@@ -190,7 +192,9 @@ class RunRecorder:
                 } if privacy.central else None,
             },
             "rounds": [{k: _clean(v) for k, v in r.items()} for r in self.central],
-            "final": {k: _clean(final.get(k)) for k in ("accuracy", "f1", "iou", "loss", "max_epsilon", "central_epsilon")},
+            "final": {k: _clean(final.get(k)) for k in ("accuracy", "f1", "iou", "loss", "max_epsilon", "central_epsilon")}
+            | ({"backdoor_success_rate": _clean(final["backdoor_success_rate"])} if "backdoor_success_rate" in final
+               else {}),
             "sites": sites,
             "timings": {
                 "server_seconds": strategy_seconds,
@@ -201,16 +205,17 @@ class RunRecorder:
 
     def _write_metrics_csv(self, site_metrics: list[dict]) -> None:
         columns = ["round", "site", "num_examples", "loss", "accuracy", "f1", "iou", "epsilon", "sigma", "seconds",
-                   "declined", "refused"]
+                   "declined", "refused", "update_norm"]
         with open(self.path / "metrics.csv", "w", newline="") as f:
             out = csv.writer(f)
             out.writerow(columns)
             for r in self.central:
                 out.writerow([r["round"], "central", "", r["loss"], r["accuracy"], r["f1"], r["iou"],
-                              r["max_epsilon"], "", r["seconds"], "", ""])
+                              r["max_epsilon"], "", r["seconds"], "", "", ""])
             for m in sorted(site_metrics, key=lambda m: (m["round"], m["site"])):
                 out.writerow([m["round"], int(m["site"]), int(m["num-examples"]), m["train-loss"], "", "", "",
-                              m["epsilon"], m["sigma"], m["train-seconds"], int(m["declined"]), m.get("refused", "")])
+                              m["epsilon"], m["sigma"], m["train-seconds"], int(m["declined"]), m.get("refused", ""),
+                              "" if m.get("update-norm") is None else m["update-norm"]])
 
 
 def summarize_sites(site_metrics: list[dict], config: Config, personalization: dict | None = None) -> list[dict]:

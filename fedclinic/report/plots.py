@@ -127,3 +127,43 @@ def plot_privacy_tradeoff(rows: list[dict], metric: str, path: Path, *, ylabel: 
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def privacy_setting(row: dict) -> str:
+    """A sweep row's privacy setting in words: "off", "ε = 8" (a target) or "σ = 1" (a fixed noise multiplier)."""
+    if row["mode"] == "off":
+        return "off"
+    return f"ε = {row['target_epsilon']:g}" if not row["noise_multiplier"] else f"σ = {row['noise_multiplier']:g}"
+
+
+def plot_poisoning(rows: list[dict], path: Path) -> None:
+    """A poisoning grid's final clean accuracy, IoU and backdoor success rate: a panel per metric (those measured),
+    a group of bars per defence, a bar per privacy setting and attack.
+
+    `rows` are sweep rows: `mode`, `target_epsilon`, `noise_multiplier`, `attack`, `defence` and the metrics.
+    """
+    metrics = [(m, label) for m, label in (("accuracy", "clean accuracy"), ("iou", "mean IoU (lesions)"),
+                                           ("backdoor_success_rate", "backdoor success rate"))
+               if any(r[m] is not None for r in rows)]
+    defences = list(dict.fromkeys(r["defence"] for r in rows))
+
+    def setting(r: dict) -> str:
+        return f"{privacy_setting(r)}, {r['attack']}"
+
+    settings = list(dict.fromkeys(setting(r) for r in rows))
+    width = 0.8 / len(settings)
+    fig = Figure(figsize=(max(6.0, 1.2 * len(defences)), 2.8 * len(metrics)))
+    axes = fig.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    for ax, (metric, label) in zip(axes, metrics):
+        for i, name in enumerate(settings):
+            found = {r["defence"]: r[metric] for r in rows if setting(r) == name}
+            values = [found.get(d) if found.get(d) is not None else float("nan") for d in defences]
+            ax.bar([j + (i - (len(settings) - 1) / 2) * width for j in range(len(defences))], values, width,
+                   label=name)
+        ax.set_xticks(range(len(defences)), defences)
+        ax.set(ylabel=label, ylim=(0, 1))
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_title("Under poisoning: each defence, per privacy setting and attack")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

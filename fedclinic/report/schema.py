@@ -38,6 +38,9 @@ class Round:
     fgsm_accuracy: float | None
     sites_trained: int
     elapsed: float
+    # under federation.attack=backdoor only: the share of triggered test images of other classes classified as
+    # federation.backdoor-target
+    backdoor_success_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class Final:
     loss: float | None
     max_epsilon: float | None
     central_epsilon: float | None
+    backdoor_success_rate: float | None = None  # the last round's, under federation.attack=backdoor only
 
 
 @dataclass(frozen=True)

@@ -95,6 +95,17 @@ def _poisoning_section(results: dict) -> list[str]:
         lines += [f"Simulated attack: site(s) {cfg['federation.attackers']} ran `{cfg['federation.attack']}`{boost} "
                   f"inside their ClientApp; the server aggregated with `{cfg['federation.strategy']}`. The accuracy "
                   "below is under that attack.", ""]
+    success = results["final"].get("backdoor_success_rate")
+    if success is not None:
+        first = results["rounds"][0].get("backdoor_success_rate")
+        before = "" if first is None else f" (the initial model's: {first:.1%})"
+        lines += [f"**Backdoor success rate: {success:.1%}**{before}: the share of the server's test images of "
+                  f"another class that the final model classifies as class {cfg['federation.backdoor-target']} once "
+                  "they carry the trigger patch.", ""]
+    clip = cfg.get("federation.update-clip-norm")
+    if clip:
+        lines += [f"The server clipped every kept reply's update to L2 norm {clip:g} (federation.update-clip-norm) "
+                  "before aggregating it.", ""]
     refused = [s for s in results["sites"] if s.get("refused")]
     if refused:
         lines += ["The server refused these sites' replies (left out of the round's aggregate):", "",
@@ -104,6 +115,8 @@ def _poisoning_section(results: dict) -> list[str]:
         if failing:
             lines += ["", f"**Site {', '.join(failing)} keeps failing:** its replies were refused in more than one "
                       "round; look at that site before the next run."]
+    while lines and not lines[-1]:
+        lines.pop()
     return ["", "## Under poisoning", "", *lines] if lines else []
 
 

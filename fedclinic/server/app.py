@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedclinic.config import Config, check_federation, check_sites, from_run_config
+from fedclinic.config import Config, check_classes, check_federation, check_sites, from_run_config
 from fedclinic.data import server_test_set, site_sizes
 from fedclinic.device import resolve_device
 from fedclinic.model import initial_model
@@ -37,6 +37,7 @@ def main(grid: Grid, context: Context) -> None:
     resumed = load_checkpoint(run_dir) if config.output.resume else None
     recorder = RunRecorder(run_dir, config, started=started, resumed=resumed and resumed["state"]["central"])
     test_set = server_test_set(config.data)
+    check_classes(config, test_set.class_names)
     device = resolve_device(config.training.device)
     model = initial_model(config, test_set).to(device)
     strategy = build_strategy(config, sites=nodes, rounds=config.federation.rounds)

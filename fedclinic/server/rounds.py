@@ -4,7 +4,8 @@
     strategy.start(..., evaluate_fn=evaluation)       # Flower calls it with (round, arrays) after each round
 
 The score is on the server's test set (and the cheap FGSM check of every round
-when robustness.round-check-eps is set); the round goes to the run's
+when robustness.round-check-eps is set, and the backdoor's success rate under
+federation.attack=backdoor); the round goes to the run's
 progress file and results, and the model and the strategy's state to
 checkpoint.pt, so that `simulate --resume` can go on from the last round.
 """
@@ -22,7 +23,7 @@ from torch import nn
 from fedclinic.analysis.adversarial import fgsm_check
 from fedclinic.config import Config
 from fedclinic.data import ImageSet
-from fedclinic.evaluation import evaluate
+from fedclinic.evaluation import backdoor_success_rate, evaluate
 from fedclinic.report import RunRecorder
 from fedclinic.server.checkpoint import save_checkpoint
 from fedclinic.server.post_training import sample
@@ -49,6 +50,9 @@ class CentralEvaluation:
         if self.check_eps and server_round > 0:  # the cheap robustness check of every round
             scores["fgsm_accuracy"] = fgsm_check(self.model, self.checked, self.check_eps,
                                                  device=self.device)["robust_accuracy"]
+        if self.config.federation.attack == "backdoor":  # the share of triggered test images the attack owns
+            scores["backdoor_success_rate"] = backdoor_success_rate(
+                self.model, self.test_set, target=self.config.federation.backdoor_target, device=self.device)
         scores["seconds"] = time.perf_counter() - t0
         line = self.recorder.central_round(server_round, scores, self.strategy.site_metrics,
                                            self.strategy.central_epsilon())

@@ -79,4 +79,4 @@ def build_strategy(config: Config, *, sites: int, rounds: int) -> SiteRounds:
         )
     return SiteRounds(strategy, min_sites=min_sites, rounds=rounds, sites=sites, rejoin_wait=fed.rejoin_wait,
                       fraction_train=fed.fraction_train, server_optimizer=server_optimizer,
-                      reply_norm_ratio=fed.reply_norm_ratio)
+                      reply_norm_ratio=fed.reply_norm_ratio, update_clip_norm=fed.update_clip_norm)

@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
-from fedclinic.poisoning.validation import norm_outliers, reply_problem, update_norm
+from fedclinic.poisoning.validation import clip_update, norm_outliers, reply_problem, update_norm
 from fedclinic.strategies.server_optimizers import load_optimizer_state, optimizer_state, step_from_mean
 
 
@@ -85,9 +85,10 @@ def _arrays_of(msg: Message) -> dict:
     return {k: a.numpy() for k, a in next(iter(msg.content.array_records.values())).items()}
 
 
-def refusals(sent: ArrayRecord, replies: list[Message], *, norm_ratio: float) -> dict[int, str]:
-    """{site: why its reply cannot be aggregated} for the replies of sites that trained, against the model `sent`:
-    arrays that are not the model's, NaN or inf, an update norm far outside the others' (poisoning/validation.py)."""
+def refusals(sent: ArrayRecord, replies: list[Message], *, norm_ratio: float) -> tuple[dict[int, str], dict[int, float]]:
+    """({site: why its reply cannot be aggregated}, {site: its update's norm}) for the replies of sites that trained,
+    against the model `sent`: arrays that are not the model's, NaN or inf, an update norm far outside the others'
+    (poisoning/validation.py). A reply whose arrays are unusable has no norm."""
     model = {k: a.numpy() for k, a in sent.items()}
     refused, norms = {}, {}
     for msg in replies:
@@ -97,7 +98,15 @@ def refusals(sent: ArrayRecord, replies: list[Message], *, norm_ratio: float) ->
             norms[site] = update_norm(model, arrays)
         else:
             refused[site] = problem
-    return {**refused, **norm_outliers(norms, ratio=norm_ratio)}
+    return {**refused, **norm_outliers(norms, ratio=norm_ratio)}, norms
+
+
+def clipped(sent: ArrayRecord, msg: Message, *, max_norm: float) -> None:
+    """Scale the update of reply `msg` down to `max_norm` in place, when its norm is larger (clip_update)."""
+    model = {k: a.numpy() for k, a in sent.items()}
+    name, record = next(iter(msg.content.array_records.items()))
+    arrays = clip_update(model, _arrays_of(msg), max_norm=max_norm)
+    msg.content[name] = ArrayRecord({k: Array(arrays[k]) for k in record.keys()})
 
 
 def _dtypes(replies: list[Message]) -> dict:
@@ -130,9 +139,10 @@ class SiteRounds(Strategy):
 
     def __init__(self, strategy: Strategy, *, min_sites: int, rounds: int, sites: int = 0,
                  rejoin_wait: float = 0.0, fraction_train: float = 1.0,
-                 server_optimizer: FedAvg | None = None, reply_norm_ratio: float = 0.0) -> None:
+                 server_optimizer: FedAvg | None = None, reply_norm_ratio: float = 0.0,
+                 update_clip_norm: float = 0.0) -> None:
         self.strategy = strategy
-        self.reply_norm_ratio = reply_norm_ratio
+        self.reply_norm_ratio, self.update_clip_norm = reply_norm_ratio, update_clip_norm
         self.sent: ArrayRecord | None = None  # the global model of the round, which the replies are checked against
         self.server_optimizer = server_optimizer
         self.rounds = rounds
@@ -216,16 +226,21 @@ class SiteRounds(Strategy):
                     msg.metadata.src_node_id, failure(msg.error.reason))
         trained = [msg for msg in answered if not _metrics(msg.content)["declined"]]
         # before any strategy sees them (central DP and the robust aggregators too)
-        refused = {} if self.sent is None else refusals(self.sent, trained, norm_ratio=self.reply_norm_ratio)
+        refused, norms = ({}, {}) if self.sent is None else refusals(self.sent, trained,
+                                                                     norm_ratio=self.reply_norm_ratio)
         for msg in answered:
             site = int(_metrics(msg.content)["site"])
+            # update-norm: before any clipping (None for a declined site, or arrays that are not the model's)
             self.site_metrics.append({"round": server_round, **dict(_metrics(msg.content)),
-                                      "refused": refused.get(site, "")})
+                                      "refused": refused.get(site, ""), "update-norm": norms.get(site)})
             self._note_decline(msg, server_round)
             if site in refused:
                 log(WARNING, "fedclinic: round %d: site %d's reply is refused and left out: %s", server_round, site,
                     refused[site])
         trained = [msg for msg in trained if int(_metrics(msg.content)["site"]) not in refused]
+        if self.update_clip_norm and self.sent is not None:  # norm bounding, before any strategy too
+            for msg in trained:
+                clipped(self.sent, msg, max_norm=self.update_clip_norm)
         if len(trained) < self.min_sites and server_round < self.rounds:
             self.stop_reason = (
                 f"the run ended early, after round {server_round} of {self.rounds}: only {len(trained)} site(s) "
