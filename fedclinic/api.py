@@ -72,6 +72,9 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
         plotted.result()
     results = with_wall_time(run_dir, time.time() - started)
     if config.privacy.audit:
+        if config.privacy.audit_canaries:
+            say(f"  canary audit: the federation trained once more in this process, with "
+                f"{config.privacy.audit_canaries} canaries, to bound epsilon from below ...")
         say("  membership-inference audit of the final model ...")
         results = audit_into_run(run_dir, on_step=on_step)
     if baselines:
@@ -110,14 +113,48 @@ def check_budget(config: Config, smallest_site: int) -> None:
         )
 
 
-def audit_into_run(run_dir: Path, *, on_step: Step | None = None) -> dict:
-    """Audit a finished run and add the result to its results.json and report.md; returns the results."""
+def audit_into_run(run_dir: Path, *, on_step: Step | None = None, canaries: int | None = None) -> dict:
+    """Audit a finished run and add the result to its results.json and report.md; returns the results.
+
+    With `canaries` (by default the run's privacy.audit-canaries) the canary
+    audit (fedclinic.canary_audit) runs first, in this process: its bounds
+    join the audit section and each site's entry, its replay's model is the
+    calibrated attack's reference, and canary_audit.json keeps every canary's
+    coin and scores.
+    """
     from fedclinic.analysis.audit import audit_run
-    from fedclinic.report import update_results
+    from fedclinic.config import load_config
+    from fedclinic.report import json_safe, update_results, write_json
     from fedclinic.report.text import write_reports
 
-    audit = audit_run(run_dir, on_site=None if on_step is None else lambda done, total: on_step("audit", done, total))
-    results = update_results(run_dir, {"audit": {k: v for k, v in audit.items() if k != "curve"}})
+    config = load_config(run_dir / "config.toml")
+    canaries = config.privacy.audit_canaries if canaries is None else canaries
+    canary = None
+    if canaries:
+        from fedclinic.canary_audit import canary_audit
+
+        from fedclinic.privacy.ledger import Ledger
+
+        plans = [Ledger.open(run_dir / "sites" / f"site-{k}", site=k).plan for k in range(config.federation.sites)]
+        canary = canary_audit(config, canaries=canaries, work_dir=run_dir / "canary-audit", plans=plans,
+                              on_round=None if on_step is None else lambda done, total: on_step("canary audit", done,
+                                                                                                  total))
+        write_json(run_dir / "canary_audit.json", json_safe({**canary.summary, "per_canary": canary.canaries}))
+    audit = audit_run(run_dir, reference=None if canary is None else canary.reference,
+                      on_site=None if on_step is None else lambda done, total: on_step("audit", done, total))
+    section = {k: v for k, v in audit.items() if k != "curve"}
+    if "calibrated" in section:
+        section["calibrated"] = {k: v for k, v in section["calibrated"].items() if k != "curve"}
+    update = {"audit": section}
+    if canary is not None:
+        by_site = {s["site"]: s for s in canary.summary["sites"]}
+        section.update({k: v for k, v in canary.summary.items() if k != "sites"})
+        section["sites"] = [{**s, **{k: v for k, v in by_site[s["site"]].items() if k != "site"}}
+                            for s in section["sites"]]
+        results = existing_results(run_dir) or {}
+        update["sites"] = [{**s, "epsilon_lower_bound": by_site[s["site"]]["epsilon_lower_bound"]}
+                           for s in results.get("sites", [])]
+    results = update_results(run_dir, json_safe(update))
     write_reports(results, run_dir)
     return results
 

@@ -52,7 +52,7 @@ from torch import nn
 from fedclinic.clients.site import training_seed
 from fedclinic.clients.training import round_lr_scale, train_locally
 from fedclinic.config import Config, PrivacyConfig
-from fedclinic.data import ImageSet, server_test_set, site_data
+from fedclinic.data import ImageSet, server_test_set, site_data, union
 from fedclinic.device import resolve_device
 from fedclinic.evaluation import evaluate
 from fedclinic.model import build_model, initial_model
@@ -61,13 +61,6 @@ from fedclinic.privacy.ledger import make_plan
 from fedclinic.report.text import format_metric
 
 SUMMARIZED = ("accuracy", "f1", "iou")
-
-
-def union(parts: list[ImageSet]) -> ImageSet:
-    """Every site's training images in one set, site 0's first."""
-    boxes = None if any(p.boxes is None for p in parts) else np.concatenate([p.boxes for p in parts])
-    return ImageSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), boxes,
-                    parts[0].class_names)
 
 
 def privacy_note(config: Config) -> str:

@@ -124,8 +124,26 @@ class MultiTaskNet(nn.Module):
         self.box_head = SoftArgmaxBox(width)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.encoder((x - PIXEL_MEAN) / PIXEL_STD)
+        return self.from_fixed(self.fixed_features(x))
+
+    def fixed_features(self, x: Tensor) -> Tensor:
+        """`x` through the leading encoder blocks that learn nothing (the scattering and its normalisation; none
+        for the CNN): they are the same for every weight the model will have, so an analysis that needs the
+        model's gradients at many weights (the canary audit) computes them once."""
+        h = (x - PIXEL_MEAN) / PIXEL_STD
+        for block in self.encoder[: self._first_trained()]:
+            h = block(h)
+        return h
+
+    def from_fixed(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(logits, boxes) from `fixed_features`: the trained blocks and both heads."""
+        for block in self.encoder[self._first_trained():]:
+            h = block(h)
         return self.class_head(self.pool(h)), self.box_head(h)
+
+    def _first_trained(self) -> int:
+        return next((i for i, block in enumerate(self.encoder) if any(True for _ in block.parameters())),
+                    len(self.encoder))
 
 
 def build_model(config: Config, data: ImageSet, state_dict: dict[str, Tensor] | None = None) -> MultiTaskNet:

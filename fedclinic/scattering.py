@@ -22,6 +22,7 @@ buffers left out of the state dict (rebuilt from the code, never sent).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -42,6 +43,9 @@ def _spatial(make, size: int, *args) -> np.ndarray:
     return np.ascontiguousarray(make(size, size, *args, offset=-(size // 2)))
 
 
+# kymatio builds each filter on a grid in NumPy, about 20 ms for the model's four: once per process, since
+# every site's round and every evaluation builds a model (Scattering clones them into its own buffers)
+@functools.lru_cache(maxsize=8)
 def _wavelets(j: int, size: int) -> Tensor:
     """The ORIENTATIONS Morlet wavelets of scale j as conv weights: 2L x 1 x size x size, (real, imaginary) pairs."""
     from kymatio.scattering2d.filter_bank import morlet_2d
@@ -55,6 +59,7 @@ def _wavelets(j: int, size: int) -> Tensor:
     return torch.from_numpy(np.stack([waves.real, waves.imag], axis=1)).float().reshape(2 * L, 1, size, size)
 
 
+@functools.lru_cache(maxsize=8)
 def _low_pass(sigma: float, size: int) -> Tensor:
     from kymatio.scattering2d.filter_bank import gabor_2d
 
@@ -91,11 +96,11 @@ class Scattering(nn.Module):
         self.in_channels = in_channels
         self.out_channels = in_channels * MAPS_PER_CHANNEL
         # buffers: they move with .to(device) and into an ONNX export, but stay out of state_dict
-        self.register_buffer("fine", _wavelets(0, FINE_SIZE), persistent=False)
-        self.register_buffer("coarse", _wavelets(1, COARSE_SIZE), persistent=False)
+        self.register_buffer("fine", _wavelets(0, FINE_SIZE).clone(), persistent=False)
+        self.register_buffer("coarse", _wavelets(1, COARSE_SIZE).clone(), persistent=False)
         # the low-pass phi (sigma 1.6) on the full grid, and the same filter on the half grid
-        self.register_buffer("phi_full", _low_pass(0.8 * 2 ** (SCALES - 1), COARSE_SIZE), persistent=False)
-        self.register_buffer("phi_half", _low_pass(0.8 * 2 ** (SCALES - 2), FINE_SIZE), persistent=False)
+        self.register_buffer("phi_full", _low_pass(0.8 * 2 ** (SCALES - 1), COARSE_SIZE).clone(), persistent=False)
+        self.register_buffer("phi_half", _low_pass(0.8 * 2 ** (SCALES - 2), FINE_SIZE).clone(), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape

@@ -56,7 +56,7 @@ from fedclinic.runtime.simulation import SimulationError
 # model's under a backdoor attack
 COLUMNS = ("point", "mode", "target_epsilon", "noise_multiplier", "max_grad_norm", "attack", "defence", "max_epsilon",
            "accuracy", "f1", "iou", "backdoor_success_rate", "robust_accuracy", "audit_auc",
-           "pooled_accuracy", "pooled_iou", "pooled_epsilon",
+           "epsilon_lower_bound", "pooled_accuracy", "pooled_iou", "pooled_epsilon",
            "silo_accuracy", "silo_worst_accuracy", "silo_best_accuracy", "silo_iou", "silo_max_epsilon",
            "wall_seconds", "run_dir")
 
@@ -195,6 +195,8 @@ def point_row(point: Point, results: dict) -> dict:
         "backdoor_success_rate": final.get("backdoor_success_rate"),
         "robust_accuracy": robust_accuracy(results),
         "audit_auc": results.get("audit", {}).get("auc"),  # membership inference, when privacy.audit is on
+        # the canary audit's epsilon-hat, with privacy.audit-canaries
+        "epsilon_lower_bound": results.get("audit", {}).get("epsilon_lower_bound"),
         **baseline_cells(results.get("baselines")),
         "wall_seconds": results["timings"].get("wall_seconds"),
         "run_dir": str(point.run_dir),
@@ -327,17 +329,19 @@ def poisoning_table(rows: list[dict]) -> str:
 
 
 def format_points(rows: list[dict]) -> str:
-    """The short table `fedclinic sweep` ends with; pooled and silo accuracy when the baselines ran, the backdoor
-    success rate when a point ran a backdoor."""
+    """The short table `fedclinic sweep` ends with; the canary audit's epsilon-hat when it ran, pooled and silo
+    accuracy when the baselines ran, the backdoor success rate when a point ran a backdoor."""
     baselines = any(r["silo_accuracy"] is not None for r in rows)
     backdoor = any(r["backdoor_success_rate"] is not None for r in rows)
+    canaries = any(r["epsilon_lower_bound"] is not None for r in rows)
     width = max([20, *(len(r["point"]) for r in rows)])
-    extra = (f"  {'backdoor':>8}" if backdoor else "") + (f"  {'pooled':>6}  {'silo':>6}  {'worst':>6}" if baselines
-                                                          else "")
+    extra = ((f"  {'eps-hat':>7}" if canaries else "") + (f"  {'backdoor':>8}" if backdoor else "")
+             + (f"  {'pooled':>6}  {'silo':>6}  {'worst':>6}" if baselines else ""))
     lines = [f"{'point':<{width}}  {'eps spent':>9}  {'accuracy':>8}  {'f1':>6}  {'IoU':>6}  {'robust':>6}  "
              f"{'MIA AUC':>7}" + extra, "-" * (width + 54 + len(extra))]
     for r in rows:
-        cells = f"  {_cell(r['backdoor_success_rate']):>8}" if backdoor else ""
+        cells = f"  {_cell(r['epsilon_lower_bound'], '.2f'):>7}" if canaries else ""
+        cells += f"  {_cell(r['backdoor_success_rate']):>8}" if backdoor else ""
         cells += (f"  {_cell(r['pooled_accuracy']):>6}  {_cell(r['silo_accuracy']):>6}  "
                   f"{_cell(r['silo_worst_accuracy']):>6}") if baselines else ""
         lines.append(f"{r['point']:<{width}}  {_cell(r['max_epsilon'], '.2f'):>9}  {_cell(r['accuracy']):>8}  "

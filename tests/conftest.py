@@ -17,7 +17,8 @@ def flower_task():
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory):
     """One real `fedclinic simulate --baselines` with every step on (the rounds, the fine-tuning, the attacks,
-    compression, explanations, the membership audit, then the pooled and silo baselines), shared by the tests of
+    compression, explanations, the membership audit with 300 canaries and --strict, then the pooled and silo
+    baselines), shared by the tests of
     what it leaves: (the command's
     CompletedProcess, its run directory). Three sites, two DP rounds; label-alpha=100 (near iid) and three
     local epochs, so two rounds learn; cheap attack and explanation settings."""
@@ -28,10 +29,11 @@ def full_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("full-run")
     settings = ["data.test-size=300", "data.label-alpha=100", "training.local-epochs=3", "robustness.max-images=120",
-                "robustness.steps=3", "explain.max-images=40", "robustness.round-check-eps=0.0078"]
+                "robustness.steps=3", "explain.max-images=40", "robustness.round-check-eps=0.0078",
+                "privacy.audit-canaries=300"]
     try:
         proc = subprocess.run([sys.executable, "-m", "fedclinic.cli", "simulate", "--sites", "3", "--rounds", "2",
-                               "--out", str(out), "--name", "e2e", "--baselines", *[a for s in settings for a in ("--set", s)]],
+                               "--out", str(out), "--name", "e2e", "--baselines", "--strict", *[a for s in settings for a in ("--set", s)]],
                               capture_output=True, text=True, timeout=900)
         yield proc, out / "e2e"
     finally:  # whatever the tests found, nothing of the run is left running

@@ -17,7 +17,7 @@ LAYERS = {
     "evaluation": 3,
     "analysis": 4, "report": 4, "runtime": 4,
     "clients": 5, "strategies": 5,
-    "baselines": 6,
+    "baselines": 6, "canary_audit": 6,
     "server": 7, "sweep": 7, "api": 7,
     "cli": 8,
     "__init__": 9,

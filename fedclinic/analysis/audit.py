@@ -12,6 +12,16 @@ most (Carlini et al., 2022): under (epsilon, delta)-DP every attack has
 TPR <= e^epsilon * FPR + delta, so a DP-SGD model must stay near the diagonal
 there. An audit gives a lower bound on leakage, never a proof of privacy.
 
+With a reference model (the canary audit's replay, trained on fresh scans
+of the same sites: fedclinic.canary_audit), the attack is also calibrated
+per image: offline LiRA (Carlini et al. 2022) compares an image's
+confidence under the global model, log(p / (1 - p)) of its true class, with
+its confidence under the reference model, which saw neither members nor
+non-members, in units of the reference's spread over all images (one
+reference model gives no per-image variance; Carlini et al. recommend the
+global one when references are few). An image that is merely easy is easy
+for the reference too, so what stays is what training on it added.
+
 Members are each site's training images. Non-members are images from the
 same site that no one trained on: fresh scans from the site's own scanner
 and prevalence for the synthetic sites, the site's validation split for file
@@ -109,6 +119,28 @@ def attack_summary(member_losses, nonmember_losses) -> dict:
     }
 
 
+def true_class_confidence(model: nn.Module, data: ImageSet, *, device: str | torch.device,
+                          batch_size: int = 256) -> np.ndarray:
+    """log(p / (1 - p)) of each image's true class under `model` (LiRA's statistic): the true logit minus the
+    log-sum-exp of the others, which stays finite where p rounds to 1."""
+    found = [torch.empty(0, dtype=torch.float64)]
+    with evaluating(model):
+        for images, labels, _ in batches(data, batch_size=batch_size, device=device):
+            logits = model(images)[0].double()
+            true = logits.gather(1, labels[:, None])[:, 0]
+            others = logits.scatter(1, labels[:, None], -math.inf)
+            found.append((true - torch.logsumexp(others, dim=1)).cpu())
+    return torch.cat(found).numpy()
+
+
+def calibrated_scores(target: np.ndarray, references: list[np.ndarray]) -> np.ndarray:
+    """Offline LiRA's score of each image (higher: member): its confidence under the target model minus the
+    references' mean for it, over the references' spread across every image and reference."""
+    stacked = np.stack(references)
+    spread = float(np.std(stacked)) or 1.0
+    return (target - stacked.mean(axis=0)) / spread
+
+
 def audit_model(
     model: nn.Module, members: ImageSet, nonmembers: ImageSet, *, box_weight: float, device: str | torch.device
 ) -> dict:
@@ -167,14 +199,17 @@ def _check_fits(model: MultiTaskNet, data: ImageSet, run_dir: Path) -> None:
 
 
 def plot_roc(audit: dict, path: Path) -> None:
-    """Log-log ROC of the attack with the chance diagonal: the low-FPR corner is where leaks show."""
-    fpr, tpr = np.asarray(audit["curve"]["fpr"]), np.asarray(audit["curve"]["tpr"])
+    """Log-log ROC of the attacks with the chance diagonal: the low-FPR corner is where leaks show."""
     # the smallest non-zero rate either axis can show; log axes cannot show 0
     floor = 1 / max(audit["members"], audit["nonmembers"])
     # a bare Figure draws with Agg and touches no pyplot state, so no backend needs choosing
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.subplots()
-    ax.plot(fpr, tpr, label=f"loss threshold (AUC {audit['auc']:.3f})")
+    curves = [("loss threshold", audit)]
+    if audit.get("calibrated"):
+        curves.append(("offline LiRA", audit["calibrated"]))
+    for name, found in curves:
+        ax.plot(found["curve"]["fpr"], found["curve"]["tpr"], label=f"{name} (AUC {found['auc']:.3f})")
     ax.plot([floor, 1], [floor, 1], color="k", linestyle="--", linewidth=1, label="chance")
     for rate in (0.001, 0.01):
         ax.axvline(rate, color="grey", linestyle=":", linewidth=0.8)
@@ -186,19 +221,24 @@ def plot_roc(audit: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def audit_run(run_dir: str | Path, *, on_site: Callable[[int, int], None] | None = None) -> dict:
+def audit_run(run_dir: str | Path, *, reference: nn.Module | None = None,
+              on_site: Callable[[int, int], None] | None = None) -> dict:
     """Audit a run directory's global model against every site's data; writes audit.json and audit_roc.png.
 
     Returns `attack_summary` pooled over the sites, plus "sites" (each site's
-    AUC and set sizes) and "nonmembers_from". `on_site(done, total)` is told
-    of each site audited.
+    AUC and set sizes), "nonmembers_from" and, with a `reference` model that
+    trained on none of the sets, "calibrated" (offline LiRA's
+    `attack_summary`). `on_site(done, total)` is told of each site audited.
     """
     run_dir = Path(run_dir)
     config, model = _load_run(run_dir)
     device = resolve_device(config.training.device)
     model.to(device)
+    if reference is not None:
+        reference.to(device)
     box_weight = config.model.box_weight
     member_losses, nonmember_losses, sites = [], [], []
+    calibrated: tuple[list, list] = ([], [])
     for site in range(config.federation.sites):
         members, nonmembers, source = audit_sets(config, site)
         _check_fits(model, members, run_dir)
@@ -206,10 +246,17 @@ def audit_run(run_dir: str | Path, *, on_site: Callable[[int, int], None] | None
         nonmember_losses.append(example_losses(model, nonmembers, box_weight=box_weight, device=device))
         _, _, auc = roc(member_losses[-1], nonmember_losses[-1])
         sites.append({"site": site, "auc": auc, "members": len(members), "nonmembers": len(nonmembers)})
+        if reference is not None:
+            for found, data in zip(calibrated, (members, nonmembers)):
+                found.append(calibrated_scores(true_class_confidence(model, data, device=device),
+                                               [true_class_confidence(reference, data, device=device)]))
         if on_site is not None:
             on_site(site + 1, config.federation.sites)
     audit = attack_summary(np.concatenate(member_losses), np.concatenate(nonmember_losses))
     audit.update(sites=sites, nonmembers_from=source)
+    if reference is not None:  # attack_summary guesses "member" for low scores: LiRA's are high for members
+        audit["calibrated"] = {"attack": "offline LiRA", "references": 1,
+                               **attack_summary(-np.concatenate(calibrated[0]), -np.concatenate(calibrated[1]))}
     (run_dir / "audit.json").write_text(json.dumps(audit, indent=2))
     plot_roc(audit, run_dir / "audit_roc.png")
     return audit

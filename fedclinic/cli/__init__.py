@@ -9,6 +9,7 @@
     fedclinic budget --plan --set privacy.target-epsilon=3          # sigma and epsilon per site and round
     fedclinic ledger show runs/NAME/sites/site-0                    # what a site has spent
     fedclinic audit runs/NAME                                       # membership inference on the global model
+    fedclinic audit runs/NAME --canaries 1000 --strict              # and epsilon-hat, a lower bound on epsilon
     fedclinic evaluate --model runs/NAME/global_model.pt --data scans.npz --attack pgd --eps 2/255 8/255
     fedclinic certs --out certs --hosts localhost,127.0.0.1 --supernodes 3   # TLS + SuperNode auth files
     fedclinic demo                                       # SuperLink + 3 SuperNodes on loopback, TLS + auth

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -125,31 +126,67 @@ def audit_parser(sub) -> None:
                        "AUC and TPR at 1% and 0.1% FPR; writes audit.json and audit_roc.png into RUN_DIR and "
                        "adds the audit to its results.json and report.md.")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--canaries", type=int, metavar="N",
+                   help="also the one-run canary audit with N canaries (default: the run's privacy.audit-canaries): "
+                        "the federation trained once more in this process, a lower bound on epsilon beside the "
+                        "accountant's, and a calibrated attack (offline LiRA); needs the run's results.json")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when the canary audit flags a likely privacy bug")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
 
 def audit(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
+    if args.canaries is not None and args.canaries < 0:
+        raise ConfigError(f"--canaries must be >= 0, got {args.canaries}")
     if (run_dir / "results.json").exists():
         from fedclinic.api import audit_into_run
 
-        found = audit_into_run(run_dir)["audit"]
+        found = audit_into_run(run_dir, canaries=args.canaries)["audit"]
+    elif args.canaries:
+        raise ConfigError(f"{run_dir} has no results.json: the canary audit adds its bounds to a run's results")
     else:  # a run directory from elsewhere: just the model and its config
         from fedclinic.analysis.audit import audit_run
 
         found = {k: v for k, v in audit_run(run_dir).items() if k != "curve"}
     if args.json:
         print(json.dumps(found))
-        return 0
-    print(format_audit(found))
-    print(f"written: {run_dir / 'audit.json'}, {run_dir / 'audit_roc.png'}")
-    return 0
+    else:
+        print(format_audit(found))
+        print(f"written: {run_dir / 'audit.json'}, {run_dir / 'audit_roc.png'}")
+    return privacy_bug_status(found, strict=args.strict)
 
 
 def format_audit(found: dict) -> str:
-    return (f"membership inference (loss threshold), {found['members']} members vs {found['nonmembers']} "
-            f"non-members ({found['nonmembers_from']}): AUC {found['auc']:.3f}, "
-            f"TPR {found['tpr_at_1pct_fpr']:.3f} at 1% FPR, {found['tpr_at_01pct_fpr']:.3f} at 0.1% FPR")
+    """The audit's lines: the loss-threshold attack, the calibrated one, the canary audit's bounds."""
+    lines = [f"membership inference (loss threshold), {found['members']} members vs {found['nonmembers']} "
+             f"non-members ({found['nonmembers_from']}): AUC {found['auc']:.3f}, "
+             f"TPR {found['tpr_at_1pct_fpr']:.3f} at 1% FPR, {found['tpr_at_01pct_fpr']:.3f} at 0.1% FPR"]
+    if found.get("calibrated"):
+        c = found["calibrated"]
+        lines.append(f"membership inference ({c['attack']}, calibrated by a reference model): AUC {c['auc']:.3f}, "
+                     f"TPR {c['tpr_at_1pct_fpr']:.3f} at 1% FPR, {c['tpr_at_01pct_fpr']:.3f} at 0.1% FPR")
+    if "epsilon_lower_bound" in found:
+        accounted = "none (not private)" if found["epsilon"] is None else f"{found['epsilon']:.2f}"
+        lines.append(f"canary audit, {found['canaries']} canaries: epsilon >= {found['epsilon_lower_bound']:.2f} "
+                     f"at {found['confidence']:.0%} confidence from the sites' updates ({found['correct']} of "
+                     f"{found['guesses']} guesses right), >= {found['black_box']['epsilon_lower_bound']:.2f} from the "
+                     f"final model alone; the accountant's epsilon: {accounted}")
+    return "\n".join(lines)
+
+
+def privacy_bug_status(found: dict, *, strict: bool) -> int:
+    """Say loudly on stderr when the canary audit caught more leakage than the accountant allows; the exit
+    status: 3 with `strict`, else 0."""
+    if not found.get("likely_privacy_bug"):
+        return 0
+    where = ", ".join(f"site {s['site']}: {s['epsilon_lower_bound']:.2f} > {s['epsilon']:.2f}" for s in found["sites"]
+                      if s["site"] in found["sites_exceeding"])
+    print(f"fedclinic: LIKELY PRIVACY BUG: the canary audit's epsilon lower bound exceeds the accountant's epsilon "
+          f"at {found['confidence']:.0%} confidence ({where or 'the federation: '}"
+          f"{'' if where else format(found['epsilon_lower_bound'], '.2f') + ' > ' + format(found['epsilon'], '.2f')}"
+          "): the training leaked more than its accounting claims", file=sys.stderr)
+    return 3 if strict else 0
 
 
 def ledger_parser(sub) -> None:

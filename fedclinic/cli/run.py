@@ -9,7 +9,7 @@ from pathlib import Path
 from fedclinic import api
 from fedclinic.api import baselines_into_run, check_config
 from fedclinic.cli.options import add_run_options, describe_privacy, progress_printer, resolve, resolve_resume, show_row
-from fedclinic.cli.privacy import format_audit
+from fedclinic.cli.privacy import format_audit, privacy_bug_status
 from fedclinic.cli.progress import Progress
 from fedclinic.config import DEFAULTS, Config, ConfigError
 
@@ -28,6 +28,9 @@ def simulate_parser(sub) -> None:
     p.add_argument("--baselines", action="store_true",
                    help="after the federation, train the pooled and silo baselines in this process (no Flower) into "
                         "the same run directory, as `fedclinic baselines RUN_DIR` does")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 3 when the canary audit (privacy.audit-canaries) flags a likely privacy "
+                        "bug: an epsilon lower bound above the accountant's epsilon")
 
 
 def run_once(config: Config, say: Progress, *, baselines: bool = False, link=None) -> dict:
@@ -86,7 +89,7 @@ def simulate(args: argparse.Namespace) -> int:
     say(f"{what} {fed.sites} sites, {fed.rounds} rounds, {describe_privacy(config)} -> {run_dir}")
     results = run_once(config, say, baselines=args.baselines)
     print_results(results, run_dir)
-    return 0
+    return privacy_bug_status(results.get("audit") or {}, strict=args.strict)
 
 
 def print_results(results: dict, run_dir: Path) -> None:

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fedclinic.atomic import atomic_file
@@ -31,13 +32,18 @@ class Site:
     state_dir: Path | None  # where the site's ledger lives; None keeps it in memory
     data_path: Path | None = None  # a deployed site's own .npz file; None = its simulated partition
     max_epsilon: float | None = None  # a deployed site's own budget; None = privacy.site-budgets / target-epsilon
+    # training records handed in whole, with no validation split (the canary audit's replay of a site,
+    # fedclinic.canary_audit); None = its file or its simulated partition
+    records: ImageSet | None = None
 
     def budget(self, config: Config) -> float:
         """The record-level epsilon this site will never exceed."""
         return self.max_epsilon if self.max_epsilon is not None else config.privacy.budget(self.index)
 
     def data(self, config: Config) -> tuple[ImageSet, ImageSet]:
-        """(train, val): the site's own file when it has one, else its share of the simulated data."""
+        """(train, val): the records handed in, the site's own file, or its share of the simulated data."""
+        if self.records is not None:
+            return self.records, self.records.subset(np.arange(0))
         if self.data_path is not None:
             return load_site_file(self.data_path)
         return site_data(config.data, self.index, self.count)

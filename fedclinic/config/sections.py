@@ -160,8 +160,16 @@ class PrivacyConfig:
     # after a simulated run, a membership-inference audit of the final model against
     # every site's training images (simulation only: the auditor needs the sites' data)
     audit: bool = True
+    # with privacy.audit: canaries in all for the one-run audit's epsilon lower bound, which
+    # trains the federation once more in the command's process with them (0 = no canary audit)
+    audit_canaries: int = 0
 
     def __post_init__(self) -> None:
+        _require(self.audit_canaries >= 0,
+                 f"privacy.audit-canaries must be >= 0 (0 = no canary audit), got {self.audit_canaries}")
+        _require(self.audit or not self.audit_canaries,
+                 f"privacy.audit-canaries={self.audit_canaries} needs privacy.audit = true (the canary audit is "
+                 "part of the audit after a simulated run)")
         _require(self.mode in MODES, f"privacy.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _require(self.target_epsilon > 0, f"privacy.target-epsilon must be > 0, got {self.target_epsilon}")
         _require(0 < self.delta < 1, f"privacy.delta must be in (0, 1), got {self.delta}")

@@ -23,7 +23,7 @@ import numpy as np
 from fedclinic.config import DataConfig
 from fedclinic.data import synthetic
 from fedclinic.data.files import DataError, load_file, load_site_file, load_test_file, save_file
-from fedclinic.data.imageset import ImageSet
+from fedclinic.data.imageset import ImageSet, union
 from fedclinic.data.partition import partition, split_train_val, val_count
 from fedclinic.data.synthetic import CLASS_NAMES
 
@@ -39,6 +39,7 @@ __all__ = [
     "server_test_set",
     "site_data",
     "site_sizes",
+    "union",
 ]
 
 

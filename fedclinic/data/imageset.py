@@ -35,3 +35,10 @@ class ImageSet:
 
     def label_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
+
+
+def union(parts: list[ImageSet]) -> ImageSet:
+    """The images of every part in one set, in order; boxes only when every part has them."""
+    boxes = None if any(p.boxes is None for p in parts) else np.concatenate([p.boxes for p in parts])
+    return ImageSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]), boxes,
+                    parts[0].class_names)

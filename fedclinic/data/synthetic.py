@@ -123,6 +123,16 @@ def generate_fresh_site_scans(cfg: DataConfig, site: int, n: int) -> ImageSet:
     return _site_scans(cfg, site, stream(cfg.seed, "fresh images", site), n)
 
 
+def generate_reference_scans(cfg: DataConfig, site: int, n: int) -> ImageSet:
+    """n scans from `site`'s distribution for an auditor's reference model (the canary audit's replay).
+
+    A stream of their own: never the site's own scans, nor the fresh scans the
+    membership audit takes as non-members, so a model trained on them has seen
+    neither the members nor the non-members it calibrates.
+    """
+    return _site_scans(cfg, site, stream(cfg.seed, "audit reference images", site), n)
+
+
 def _site_scans(cfg: DataConfig, site: int, rng: np.random.Generator, n: int) -> ImageSet:
     labels = rng.choice(len(CLASS_NAMES), size=n, p=site_prevalence(cfg, site))
     scenes = draw_scenes(rng, labels, cfg.image_size)

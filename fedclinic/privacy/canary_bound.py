@@ -15,7 +15,7 @@ knows nothing of models, sites or Flower.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.stats import binom
@@ -71,26 +71,35 @@ def guess_counts(scores: np.ndarray, included: np.ndarray, guesses_in: int, gues
     return guesses_in + guesses_out, in_right + out_right
 
 
-def epsilon_lower_bound_from_scores(scores: Sequence[float], included: Sequence[bool], *, delta: float,
-                                    confidence: float = 0.95,
+def epsilon_lower_bound_from_scores(scores: Sequence[float] | Mapping[str, Sequence[float]],
+                                    included: Sequence[bool], *, delta: float, confidence: float = 0.95,
                                     shares: Sequence[float] = GUESS_SHARES) -> dict:
     """The audit's bound from one score per canary (higher: more likely trained on) and the auditor's coins.
 
-    Tries each share of GUESS_SHARES as k+ = k- = share * m guesses and keeps the best bound; the confidence is
-    split over the shares tried (a union bound), so that choosing the best after the fact keeps the stated
-    confidence. Returns the bound with the guesses that gave it."""
-    scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
+    `scores` is one guesser's scores, or {name: scores} of several guessers. Every guesser is tried at each
+    share of GUESS_SHARES as k+ = k- = share * m guesses, and the best bound is kept; the confidence is split
+    over every (guesser, share) tried (a union bound), so that choosing the best after the fact keeps the stated
+    confidence. Returns the bound with the guesses and the guesser that gave it ("scores" for a single one)."""
+    guessers = dict(scores) if isinstance(scores, Mapping) else {"scores": scores}
+    included = np.asarray(included, dtype=bool)
+    checked = {name: _checked(values, included) for name, values in guessers.items()}
+    canaries = len(included)
+    each = 1.0 - (1.0 - confidence) / (len(shares) * len(checked))
+    best = {"epsilon_lower_bound": 0.0, "guesses": 0, "correct": 0, "guesser": next(iter(checked))}
+    for name, values in checked.items():
+        for share in shares:
+            k = max(1, min(canaries // 2, round(share * canaries)))
+            guesses, correct = guess_counts(values, included, k, k)
+            bound = epsilon_lower_bound(canaries, guesses, correct, delta=delta, confidence=each)
+            if bound > best["epsilon_lower_bound"] or not best["guesses"]:
+                best = {"epsilon_lower_bound": bound, "guesses": guesses, "correct": correct, "guesser": name}
+    return {**best, "canaries": canaries, "confidence": confidence}
+
+
+def _checked(scores: Sequence[float], included: np.ndarray) -> np.ndarray:
+    scores = np.asarray(scores, dtype=float)
     if scores.shape != included.shape or scores.ndim != 1 or not len(scores):
         raise ValueError(f"the audit needs one score per canary: {scores.shape} scores for {included.shape} coins")
     if not np.all(np.isfinite(scores)):
         raise ValueError("the audit's canary scores must be finite numbers")
-    canaries = len(scores)
-    each = 1.0 - (1.0 - confidence) / len(shares)
-    best = {"epsilon_lower_bound": 0.0, "guesses": 0, "correct": 0}
-    for share in shares:
-        k = max(1, min(canaries // 2, round(share * canaries)))
-        guesses, correct = guess_counts(scores, included, k, k)
-        bound = epsilon_lower_bound(canaries, guesses, correct, delta=delta, confidence=each)
-        if bound > best["epsilon_lower_bound"] or not best["guesses"]:
-            best = {"epsilon_lower_bound": bound, "guesses": guesses, "correct": correct}
-    return {**best, "canaries": canaries, "confidence": confidence}
+    return scores

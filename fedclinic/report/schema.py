@@ -68,6 +68,8 @@ class SiteResult:
     finetuned: bool
     refused: int = 0  # rounds in which the server refused the site's reply (poisoning/validation.py)
     refused_reason: str | None = None  # why, the last time
+    # the canary audit's lower bound on the site's epsilon (privacy.audit-canaries), at audit.confidence
+    epsilon_lower_bound: float | None = None
 
 
 @dataclass(frozen=True)

@@ -34,59 +34,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _privacy_section(results: dict) -> list[str]:
-    """What each epsilon protects, what every site spent, who stopped and why."""
-    privacy = results["privacy"]
-    lines = []
-    if privacy["record_level"]:
-        rec = privacy["record_level"]
-        noise = (f"a fixed noise multiplier {rec['noise_multiplier']}" if rec["noise_multiplier"]
-                 else "noise calibrated to each site's budget")
-        lines += [
-            f"**Record-level DP** (local DP-SGD, Opacus, {rec['accountant'].upper()} accountant): every site trained "
-            f"with {noise}; its budget is epsilon = {rec['target_epsilon']} at delta = {rec['delta']:g} over the "
-            "whole training unless it set its own. This epsilon protects each patient record of a site, counts "
-            "every round the site took part in and any fine-tuning after them, and a site declines any round (or "
-            "fine-tuning) that would take it past its budget.",
-            "",
-            "| site | images | sigma | epsilon spent | budget | delta | rounds trained | stopped |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | :--- |",
-        ]
-        for s in results["sites"]:
-            stopped = f"declined round {s['stopped_in_round']}" if s["stopped_in_round"] else "no"
-            lines.append(f"| {s['site']} | {s['n']} | {s['sigma']:.3f} | {s['epsilon']:.3f} | {s['budget']:g} | "
-                         f"{s['delta']:g} | {s['rounds_trained']}{' + fine-tuning' if s.get('finetuned') else ''} | "
-                         f"{stopped} |")
-        lines += ["", "![epsilon per site](epsilon_per_site.png)", ""]
-    if privacy["central"]:
-        c = privacy["central"]
-        lines += [
-            f"**Site-level DP** (central, Flower's server-side fixed clipping): each site's update was clipped to "
-            f"L2 norm {c['clipping_norm']} and "
-            f"Gaussian noise (multiplier {c['noise_multiplier']}) was added to the aggregate. "
-            f"Site-level epsilon = {format_metric(c['epsilon'])} at delta = {c['delta']:g} (Flower's RDP accountant, no "
-            "amplification by sampling claimed). It protects whether a hospital took part and what it sent.",
-            "",
-        ]
-    if not privacy["record_level"] and not privacy["central"]:
-        lines.append("Privacy was **off**: this is the non-private baseline, with no formal guarantee for patients.")
-    if results.get("stop_reason"):
-        lines += ["", f"**Stopped early:** {results['stop_reason']}."]
-    if results.get("audit"):
-        a = results["audit"]
-        lines += [
-            "",
-            "**Empirical audit.** A loss-threshold membership-inference attack on the final model, "
-            f"{a['members']} training images of the sites against {a['nonmembers']} images nobody trained on "
-            f"({a['nonmembers_from']}): AUC {a['auc']:.3f} (0.5 = cannot tell them apart), "
-            f"TPR {a['tpr_at_1pct_fpr']:.3f} at 1% FPR and {a['tpr_at_01pct_fpr']:.3f} at 0.1% FPR. "
-            "An audit is a lower bound on leakage, not a proof of privacy.",
-            "",
-            "![membership-inference ROC](audit_roc.png)",
-        ]
-    return lines
-
-
 def _poisoning_section(results: dict) -> list[str]:
     """Who attacked, with what, against which aggregator; and every site whose replies the server refused."""
     cfg, lines = results["config"], []
@@ -300,7 +247,9 @@ def render_report(results: dict, path: Path) -> str:
         "## Privacy",
         "",
     ]
-    lines += _privacy_section(results)
+    from fedclinic.report.privacy_text import privacy_section  # it formats with this module's helpers
+
+    lines += privacy_section(results)
     lines += _poisoning_section(results)
     lines += [
         "",
