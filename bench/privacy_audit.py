@@ -16,8 +16,10 @@ membership attacks on the run's global model. It prints, per run:
 - TPR at 0.1% FPR (and AUC) of offline LiRA and of the loss threshold;
 - the audit's cost against the run's: the canary audit's seconds over the
   run's rounds (results.json rounds[-1].elapsed: from the ServerApp's start
-  to the last round's end, Flower's start-up in round 1 included) and over
-  its sites' training loops (timings.site_train_seconds, summed over sites).
+  to the last round's end, the workers' start-up in round 1 included), over
+  the run's whole time before the audit (timings.wall_seconds: Flower's
+  start-up, the rounds, the fine-tuning) and over its sites' training loops
+  (timings.site_train_seconds, summed over sites).
 
 A run whose results.json exists in the output folder is reused.
 """
@@ -48,13 +50,13 @@ def row(privacy: str, seed: int, results: dict) -> dict:
             "lira_tpr_01": calibrated["tpr_at_01pct_fpr"], "lira_auc": calibrated["auc"],
             "loss_tpr_01": audit["tpr_at_01pct_fpr"], "loss_auc": audit["auc"],
             "audit_seconds": audit["seconds"], "audit_training_seconds": audit["training_seconds"],
-            "run_seconds": results["rounds"][-1]["elapsed"], "run_training_seconds": timings["site_train_seconds"]}
+            "run_seconds": results["rounds"][-1]["elapsed"], "run_wall_seconds": timings["wall_seconds"], "run_training_seconds": timings["site_train_seconds"]}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| privacy | seed | accuracy | ε (accountant) | ε̂ white-box | right guesses | ε̂ black-box | LiRA TPR @0.1% "
-             "(AUC) | loss threshold TPR @0.1% (AUC) | audit s | ÷ run's rounds s | ÷ run's site training s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "(AUC) | loss threshold TPR @0.1% (AUC) | audit s | ÷ run's rounds s | ÷ run's wall s | ÷ run's site training s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         eps = "—" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         bug = " **bug**" if r["bug"] else ""
@@ -63,7 +65,7 @@ def table(rows: list[dict]) -> str:
             f"{r['epsilon_hat']:.2f}{bug} | {r['correct']}/{r['guesses']} | {r['epsilon_hat_black_box']:.2f} | "
             f"{r['lira_tpr_01']:.3f} ({r['lira_auc']:.3f}) | {r['loss_tpr_01']:.3f} ({r['loss_auc']:.3f}) | "
             f"{r['audit_seconds']:.0f} | {r['audit_seconds'] / r['run_seconds']:.2f} | "
-            f"{r['audit_seconds'] / r['run_training_seconds']:.2f} |")
+            f"{r['audit_seconds'] / r['run_wall_seconds']:.2f} | {r['audit_seconds'] / r['run_training_seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
