@@ -13,7 +13,7 @@ TPR <= e^epsilon * FPR + delta, so a DP-SGD model must stay near the diagonal
 there. An audit gives a lower bound on leakage, never a proof of privacy.
 
 With a reference model (the canary audit's replay, trained on fresh scans
-of the same sites: fedclinic.canary_audit), the attack is also calibrated
+of the same sites and its canaries: fedclinic.canary_audit), the attack is also calibrated
 per image: offline LiRA (Carlini et al. 2022) compares an image's
 confidence under the global model, log(p / (1 - p)) of its true class, with
 its confidence under the reference model, which saw neither members nor
