@@ -117,3 +117,18 @@ def test_a_ledger_of_many_equal_rounds_has_the_epsilon_of_the_steps_composed_one
     eps = epsilon(history, delta=1e-5, accountant=accountant)
     # Assert
     assert eps == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rdp_epsilon_is_opacus_rdp_accountants_bit_for_bit(seed):
+    # the one-step RDP is kept per (sigma, q) and multiplied by the steps, as Opacus's compute_rdp does
+    import random
+
+    from opacus.accountants import RDPAccountant
+
+    rng = random.Random(seed)
+    history = [(rng.uniform(0.5, 5), rng.uniform(0.01, 0.5), rng.randint(1, 200)) for _ in range(rng.randint(1, 4))]
+    reference = RDPAccountant()
+    reference.history = list(history)
+    for delta in (1e-5, 1e-3):
+        assert epsilon(history, delta=delta) == reference.get_epsilon(delta=delta)
