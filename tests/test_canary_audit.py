@@ -14,6 +14,7 @@ from fedclinic.analysis.audit import calibrated_scores, roc, true_class_confiden
 from fedclinic.analysis.canaries import (clipped_gradients, draw_coins, flat, make_canaries, prepare, round_evidence,
                                          trained_names)
 from fedclinic.canary_audit import canary_audit, share_out
+from fedclinic.cli.privacy import privacy_bug_status
 from fedclinic.clients.site import Site
 from fedclinic.config import load_config
 from fedclinic.data import server_test_set, site_data
@@ -134,7 +135,7 @@ def test_the_coins_come_from_the_auditors_own_random_source_not_from_the_configu
     assert not np.array_equal(np.concatenate(first.coins), np.concatenate(second.coins))
 
 
-def test_a_dp_sgd_whose_noise_is_off_while_its_ledger_claims_sigma_is_flagged(tmp_path, monkeypatch):
+def test_a_dp_sgd_whose_noise_is_off_while_its_ledger_claims_sigma_is_flagged(tmp_path, monkeypatch, capsys):
     # Prepare: claimed epsilon 0.5 per site over 5 rounds; the same audit (seed 0) with the noise intact, then off
     config = load_config(None, SMALL)
     intact = canary_audit(config, canaries=600, work_dir=tmp_path / "intact", seed=0).summary
@@ -154,6 +155,13 @@ def test_a_dp_sgd_whose_noise_is_off_while_its_ledger_claims_sigma_is_flagged(tm
     assert all(s["epsilon_lower_bound"] <= s["epsilon"] for s in intact["sites"])
     assert broken["likely_privacy_bug"] and broken["sites_exceeding"]
     assert broken["epsilon_lower_bound"] > broken["epsilon"]
+    # ... and the command line says so on stderr, failing only with --strict
+    assert privacy_bug_status(intact, strict=True) == 0 and capsys.readouterr().err == ""
+    assert privacy_bug_status(broken, strict=False) == 0
+    assert privacy_bug_status(broken, strict=True) == 3
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 2 and all("LIKELY PRIVACY BUG" in line for line in said)
+    assert all(f"site {k}:" in said[0] for k in broken["sites_exceeding"])
 
 
 def test_true_class_confidence_is_the_log_odds_of_the_softmax():
