@@ -13,6 +13,8 @@ from fedclinic.analysis.adversarial import perturb
 from fedclinic.model import multitask_loss
 from fedclinic.privacy.ledger import Ledger
 
+from opacus_marks import NO_INPUT_GRADIENT
+
 # 16 x 16 scans and a narrow model: each training run takes about a second on one core
 SMALL = ["data.image-size=16", "data.site-size=200", "data.test-size=100", "training.batch-size=32",
          "training.local-epochs=1", "model.width=8", "training.device=cpu"]
@@ -110,6 +112,7 @@ def test_the_training_step_sees_the_planned_share_of_perturbed_images(privacy_mo
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+@NO_INPUT_GRADIENT
 def test_crafting_leaves_grads_and_per_sample_grads_as_a_plain_step_on_the_mixed_batch(mode):
     # Prepare: a batch, and the model wrapped as DP-SGD wraps it, with the gradients of a first step
     train, net = site_model(load_config(None, SMALL))

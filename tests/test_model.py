@@ -12,6 +12,8 @@ from opacus.validators import ModuleValidator
 
 from fedclinic.model import MultiTaskNet, load_model, multitask_loss, save_model
 
+from opacus_marks import NO_INPUT_GRADIENT
+
 CLASS_NAMES = ("healthy", "benign", "malignant")
 NO_BOX = [math.nan] * 4
 
@@ -79,6 +81,7 @@ def test_the_scattering_transform_agrees_with_kymatios_away_from_the_border():
 
 @pytest.mark.parametrize("encoder", ["scattering", "cnn"])
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
+@NO_INPUT_GRADIENT
 def test_opacus_accepts_the_model_and_its_per_example_gradients_match_single_examples(mode, encoder):
     # Prepare: a mixed batch (with and without lesions) and a reference copy
     model = make_model(encoder=encoder)
@@ -101,6 +104,7 @@ def test_opacus_accepts_the_model_and_its_per_example_gradients_match_single_exa
             assert torch.allclose(p.grad_sample[i], q.grad, atol=1e-5), name
 
 
+@NO_INPUT_GRADIENT
 def test_without_boxes_every_parameter_still_gets_a_per_example_gradient():
     # Opacus' optimizer fails on a parameter without grad_sample, so the box head
     # must stay in the graph even when the data has no boxes.

@@ -13,6 +13,8 @@ from fedclinic.data import site_data
 from fedclinic.privacy.accounting import epsilon
 from fedclinic.privacy.ledger import Ledger
 
+from opacus_marks import NO_INPUT_GRADIENT
+
 SMALL = ["data.site-size=200", "data.test-size=100", "training.batch-size=32"]
 
 
@@ -108,6 +110,7 @@ def test_every_offered_grad_sample_mode_trains_and_takes_the_planned_steps(mode)
     assert any(not torch.equal(model.state_dict()[k], before[k]) for k in before)
 
 
+@NO_INPUT_GRADIENT
 def test_fedprox_term_reaches_each_per_example_gradient_before_clipping():
     # Prepare: a model moved away from the global weights it started from, and Opacus's per-example gradients
     from opacus import GradSampleModule
@@ -164,6 +167,7 @@ def test_under_dp_fedprox_keeps_the_site_model_nearer_the_global_one():
     assert pulled < 0.9 * free
 
 
+@NO_INPUT_GRADIENT
 def test_a_records_augmented_views_give_one_gradient_the_mean_of_theirs_before_clipping():
     # Prepare: 4 records seen through 3 scanner views each, Opacus's per-row gradients
     from opacus import GradSampleModule
@@ -287,16 +291,14 @@ def test_the_cosine_schedule_falls_from_the_full_rate_to_a_tenth_over_the_rounds
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ew"])
 def test_an_empty_poisson_batch_is_still_a_counted_step_of_noise_alone(mode):
     # Prepare: a private model whose Poisson batches are empty, as a batch of a small site can be
-    from opacus import PrivacyEngine
-
-    from fedclinic.clients.training import noise_only_step
+    from fedclinic.clients.training import noise_only_step, privacy_engine
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.GroupNorm(4, 40), torch.nn.Linear(40, 30))
     before = [p.detach().clone() for p in model.parameters()]
     sigma, clip, batch, size = 2.0, 0.5, 8, 80
     data = torch.utils.data.TensorDataset(torch.zeros(size, 50))
-    engine = PrivacyEngine(accountant="rdp")
+    engine = privacy_engine("rdp")  # the secure-RNG warning once per process, as in a run
     model, optimizer, loader = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
         data_loader=torch.utils.data.DataLoader(data, batch_size=batch), noise_multiplier=sigma,
