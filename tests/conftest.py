@@ -16,12 +16,11 @@ def flower_task():
 
 @pytest.fixture(scope="session")
 def full_run(tmp_path_factory):
-    """One real `fedclinic simulate --baselines` with every step on (the rounds, the fine-tuning, the attacks,
-    compression, explanations, the membership audit with 300 canaries and --strict, then the pooled and silo
-    baselines), shared by the tests of
-    what it leaves: (the command's
-    CompletedProcess, its run directory). Three sites, two DP rounds; label-alpha=100 (near iid) and three
-    local epochs, so two rounds learn; cheap attack and explanation settings."""
+    """One real `fedclinic simulate --baselines --strict` with every step on: the rounds, the fine-tuning, the
+    attacks, compression, explanations, the membership audit with 300 canaries, then the pooled and silo baselines.
+    Shared by the tests of what it leaves: (the command's CompletedProcess, its run directory). Three sites, two
+    DP rounds; label-alpha=100 (near iid) and three local epochs, so two rounds learn; cheap attack and
+    explanation settings."""
     import subprocess
     import sys
 
