@@ -55,6 +55,32 @@ def test_an_update_far_outside_the_others_is_refused_and_the_rule_needs_three_re
     assert norm_outliers({0: 1.0, 1: 50.0}, ratio=10) == {}  # two replies: who is to say which is far out
 
 
+def test_the_largest_honest_site_is_kept_and_a_boosted_small_one_refused_by_norm_per_local_step(flower_task):
+    # Prepare: five DP-SGD sites' update norms and local steps as measured in round 1 of a default run at eps 8
+    # (data.seed 1: 2,415, 329, 199, 959 and 624 records, one epoch at an expected batch of 64)
+    norms, steps = (46.6, 11.8, 9.1, 25.3, 18.3), (38, 5, 3, 15, 10)
+    direction = np.ones(6, np.float32) / np.sqrt(6)
+
+    def refused_with(attacker_boost: float) -> list[str]:
+        sent_back = [(direction * norm * (attacker_boost if site == 1 else 1)).astype(np.float32)
+                     for site, norm in enumerate(norms)]
+        replies = [reply({"w": w}, n=64 * k, site=site, loss=0.5, eps=1.0, steps=k)
+                   for site, (w, k) in enumerate(zip(sent_back, steps))]
+        strategy = build_strategy(replace_ratio(LOCAL, 3), sites=5, rounds=2)
+        strategy.configure_train(1, ArrayRecord({"w": torch.zeros(6)}), ConfigRecord(), Connected(5))
+        strategy.aggregate_train(1, replies)
+        return [m["refused"] for m in strategy.site_metrics]
+
+    # Execute / Assert: raw norms put the largest site at 3.1 times the others' median; per square root of its
+    # steps it is 1.4 times, so it is kept ...
+    assert list(norm_outliers(dict(enumerate(norms)), ratio=3)) == [0]
+    assert refused_with(attacker_boost=1) == [""] * 5
+    # ... while a small site that sends its update boosted 10 times (sign-flip, scale) is still refused
+    said = refused_with(attacker_boost=10)
+    assert said[0] == said[2] == said[3] == said[4] == ""
+    assert "8.6 times the median" in said[1] and "federation.reply-norm-ratio=3" in said[1]
+
+
 def test_a_nan_reply_never_changes_the_global_model_and_is_counted_for_its_site(flower_task):
     # Prepare: the server sends a model; of three sites, site 1 sends NaN
     sent = {"w": np.ones((3, 2), np.float32), "b": np.ones(4, np.float32)}

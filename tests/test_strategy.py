@@ -17,9 +17,10 @@ LOCAL = load_config(None, ["federation.min-sites=2"])
 MEAN_BASED = [name for name in STRATEGIES if name not in ROBUST]
 
 
-def reply(arrays: dict, *, n: int, site: int, loss: float, eps: float, declined: bool = False) -> Message:
+def reply(arrays: dict, *, n: int, site: int, loss: float, eps: float, declined: bool = False,
+          steps: int = 3) -> Message:
     metrics = {"num-examples": n, "site-weight": 1.0, "site": site, "declined": int(declined), "train-loss": loss,
-               "train-seconds": 0.1, "steps": 3, "sigma": 1.0, "sample-rate": 0.1, "epsilon": eps, "budget": 8.0,
+               "train-seconds": 0.1, "steps": steps, "sigma": 1.0, "sample-rate": 0.1, "epsilon": eps, "budget": 8.0,
                "delta": 1e-5, "rounds-trained": 1}
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord(metrics)})

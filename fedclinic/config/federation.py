@@ -67,9 +67,9 @@ class FederationConfig:
     num_malicious: int = 1
     # MultiKrum's num_nodes_to_select: how many of the best-scored replies it averages
     krum_select: int = 3
-    # the server refuses a reply whose update norm is over this many times the median of the round's other
-    # replies (with 3 or more replies; 0 = no norm rule); NaN/inf values and arrays that are not the model's
-    # are always refused
+    # the server refuses a reply whose update norm per square root of its local steps is over this many times
+    # the median of the round's other replies' (with 3 or more replies; 0 = no norm rule); NaN/inf values and
+    # arrays that are not the model's are always refused
     reply_norm_ratio: float = 10.0
     # simulated attacking sites, as site ids: "1,3" ("" = none); they train on their own data and keep their ledger
     attackers: str = ""

@@ -87,18 +87,20 @@ def _arrays_of(msg: Message) -> dict:
 
 def refusals(sent: ArrayRecord, replies: list[Message], *, norm_ratio: float) -> tuple[dict[int, str], dict[int, float]]:
     """({site: why its reply cannot be aggregated}, {site: its update's norm}) for the replies of sites that trained,
-    against the model `sent`: arrays that are not the model's, NaN or inf, an update norm far outside the others'
-    (poisoning/validation.py). A reply whose arrays are unusable has no norm."""
+    against the model `sent`: arrays that are not the model's, NaN or inf, an update norm (per square root of the
+    site's local steps) far outside the others' (poisoning/validation.py). A reply whose arrays are unusable has no
+    norm."""
     model = {k: a.numpy() for k, a in sent.items()}
-    refused, norms = {}, {}
+    refused, norms, steps = {}, {}, {}
     for msg in replies:
-        site, arrays = int(_metrics(msg.content)["site"]), _arrays_of(msg)
+        metrics = _metrics(msg.content)
+        site, arrays = int(metrics["site"]), _arrays_of(msg)
         problem = reply_problem(model, arrays)
         if problem is None:
-            norms[site] = update_norm(model, arrays)
+            norms[site], steps[site] = update_norm(model, arrays), int(metrics.get("steps", 1))
         else:
             refused[site] = problem
-    return {**refused, **norm_outliers(norms, ratio=norm_ratio)}, norms
+    return {**refused, **norm_outliers(norms, ratio=norm_ratio, steps=steps)}, norms
 
 
 def clipped(sent: ArrayRecord, msg: Message, *, max_norm: float) -> None:
