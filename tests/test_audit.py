@@ -217,6 +217,7 @@ def test_fedclinic_audit_adds_the_audit_to_the_runs_results_and_reports(tmp_path
     audit = json.loads((tmp_path / "audit.json").read_text())
     assert results["audit"]["auc"] == audit["auc"] and "curve" not in results["audit"]
     assert f"AUC {audit['auc']:.3f}" in out
+    assert f"written: {tmp_path / 'audit.json'}, {tmp_path / 'audit_roc.png'}, {tmp_path / 'results.json'}, " in out
     assert "Empirical audit" in (tmp_path / "report.md").read_text()
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()  # the ROC, embedded
     assert main(["audit", str(tmp_path / "missing")]) == 2

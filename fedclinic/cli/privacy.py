@@ -153,7 +153,10 @@ def audit(args: argparse.Namespace) -> int:
         print(json.dumps(found))
     else:
         print(format_audit(found))
-        print(f"written: {run_dir / 'audit.json'}, {run_dir / 'audit_roc.png'}")
+        written = ["audit.json", "audit_roc.png"] + (["canary_audit.json"] if "canaries" in found else [])
+        if (run_dir / "results.json").exists():  # the audit was added to the run's results and reports
+            written += ["results.json", "report.md", "report.html"]
+        print("written: " + ", ".join(str(run_dir / name) for name in written))
     return privacy_bug_status(found, strict=args.strict)
 
 
