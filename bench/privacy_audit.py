@@ -50,7 +50,8 @@ def row(privacy: str, seed: int, results: dict) -> dict:
             "lira_tpr_01": calibrated["tpr_at_01pct_fpr"], "lira_auc": calibrated["auc"],
             "loss_tpr_01": audit["tpr_at_01pct_fpr"], "loss_auc": audit["auc"],
             "audit_seconds": audit["seconds"], "audit_training_seconds": audit["training_seconds"],
-            "run_seconds": results["rounds"][-1]["elapsed"], "run_wall_seconds": timings["wall_seconds"], "run_training_seconds": timings["site_train_seconds"]}
+            "run_seconds": results["rounds"][-1]["elapsed"], "run_wall_seconds": timings["wall_seconds"],
+            "run_training_seconds": timings["site_train_seconds"]}
 
 
 def table(rows: list[dict]) -> str:

@@ -139,7 +139,8 @@ def audit(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if args.canaries is not None and args.canaries < 0:
         raise ConfigError(f"--canaries must be >= 0, got {args.canaries}")
-    if (run_dir / "results.json").exists():
+    finished = (run_dir / "results.json").exists()  # a fedclinic run: the audit goes into its results and reports
+    if finished:
         from fedclinic.api import audit_into_run
 
         found = audit_into_run(run_dir, canaries=args.canaries)["audit"]
@@ -154,7 +155,7 @@ def audit(args: argparse.Namespace) -> int:
     else:
         print(format_audit(found))
         written = ["audit.json", "audit_roc.png"] + (["canary_audit.json"] if "canaries" in found else [])
-        if (run_dir / "results.json").exists():  # the audit was added to the run's results and reports
+        if finished:
             written += ["results.json", "report.md", "report.html"]
         print("written: " + ", ".join(str(run_dir / name) for name in written))
     return privacy_bug_status(found, strict=args.strict)
