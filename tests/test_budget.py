@@ -56,6 +56,19 @@ def test_plan_without_fine_tuning_spends_the_budget_by_the_last_round(capsys):
         assert (site["finetune_steps"], site["epsilon_after_finetuning"], site["finetunes"]) == (0, None, False)
 
 
+def test_plan_takes_the_accountant_flag_and_the_independent_accountant_agrees(capsys):
+    keys = ["--plan", "--site-sizes", "600", "--rounds", "3", "--set", "training.batch-size=50",
+            "--set", "personalize.epochs=0", "--json"]
+    plans = {a: json.loads(run(capsys, *keys, "--accountant", a)[1]) for a in ("rdp", "prv")}
+    assert [plans[a]["accountant"] for a in ("rdp", "prv")] == ["rdp", "prv"]
+    site = plans["prv"]["sites"][0]
+    # the tighter accountant needs less noise for the same budget, and its sigma does meet the budget
+    assert site["noise_multiplier"] < plans["rdp"]["sites"][0]["noise_multiplier"]
+    steps = 3 * site["steps_per_round"]
+    assert reference_epsilon([(site["noise_multiplier"], site["sample_rate"], steps)], 1e-5, "prv") == pytest.approx(
+        8.0, rel=0.02)
+
+
 def test_plan_table_says_which_site_fine_tunes(capsys):
     # Prepare: a fixed sigma; site 1's budget allows its rounds but not the fine-tuning after them
     fixed = ["--plan", "--site-sizes", "600,600", "--rounds", "2", "--set", "training.batch-size=50",

@@ -30,8 +30,8 @@ def resolve(args: argparse.Namespace, *, default_name: str | None = None, defaul
     """
     overrides = list(args.set)
     for flag, key in (("sites", "federation.sites"), ("rounds", "federation.rounds"), ("data", "data.path"),
-                      ("out", "output.dir"), ("name", "output.name")):
-        value = getattr(args, flag, None)  # budget --plan has no --out / --name
+                      ("out", "output.dir"), ("name", "output.name"), ("accountant", "privacy.accountant")):
+        value = getattr(args, flag, None)  # budget --plan has no --out / --name, only it has --accountant
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
     if getattr(args, "quiet", False):

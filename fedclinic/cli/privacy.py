@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from fedclinic.cli.options import resolve
-from fedclinic.config import ConfigError, check_sites
+from fedclinic.config import ConfigError, PrivacyConfig, check_sites
 
 
 def budget_parser(sub) -> None:
@@ -24,7 +24,8 @@ def budget_parser(sub) -> None:
     p.add_argument("--target-epsilon", type=float, metavar="E", help="print the sigma that meets this epsilon")
     p.add_argument("--steps", type=int, metavar="T", help="optimizer steps over the whole training")
     p.add_argument("--delta", type=float, metavar="D", default=1e-5, help="delta (default 1e-5)")
-    p.add_argument("--accountant", choices=["rdp", "prv"], default="rdp")
+    p.add_argument("--accountant", choices=["rdp", "prv"],
+                   help=f"default: privacy.accountant's ({PrivacyConfig.accountant}); with --plan it sets that key")
     p.add_argument("--plan", action="store_true", help="a table per site for the configuration given by the options below")
     p.add_argument("--site-sizes", metavar="N,N,...", help="training images of each site (instead of the configured data)")
     p.add_argument("--config", metavar="FILE")
@@ -40,6 +41,7 @@ def budget(args: argparse.Namespace) -> int:
 
     if args.plan:
         return _budget_plan(args, plan_sites)
+    args.accountant = args.accountant or PrivacyConfig.accountant
     if args.sample_rate is None or args.steps is None:
         raise ConfigError("budget needs --sample-rate and --steps (or --plan)")
     if (args.noise_multiplier is None) == (args.target_epsilon is None):
