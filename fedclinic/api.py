@@ -13,6 +13,7 @@ membership audit, the baselines).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +39,9 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
     """Simulate the federation of `config` into its run directory; returns what it wrote to results.json.
 
     Refuses a configuration the sites' sizes or the privacy budget make
-    impossible (ConfigError) before anything starts. `say` gets a line per
+    impossible (ConfigError) before any site trains; the budget is checked
+    while Flower's SuperLink starts, and a refused run leaves no process and
+    no folder behind. `say` gets a line per
     step, `on_progress` each line of the run's progress file (a round, or a
     note of a step after training), `on_step` the progress of the audit and
     the baselines, which run in this process. With `baselines` the pooled and silo
@@ -53,9 +56,22 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
 
     say = say or _quiet
     config = pinned(config)
-    check_config(config)
+    sizes = check_data(config)
+    path = Path(config.output.dir, config.output.name).absolute()
+    made = next((p for p in reversed((path, *path.parents)) if not p.exists()), None)  # the first folder to make
     run_dir = run_directory(config)
     fed = config.federation
+    own = link is None
+    if own:  # Flower's SuperLink starts (about 2 s) while the budget check imports Opacus (about 1.6 s)
+        link = simulation.LocalSuperLink(run_dir).start()
+    try:
+        check_budget(config, min(sizes))
+    except BaseException:
+        if own:
+            link.stop()
+        if made is not None:  # refused before anything ran: no folder it made is left behind
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
     def plot_sites() -> None:
         """What the sites hold: in simulation only, the server never sees site data in deployment."""
@@ -66,10 +82,14 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
     say("  starting Flower's simulation runtime ...")
     started = time.time()
     # the plots of the sites' data are drawn in a thread while Flower starts, when this process has nothing to do
-    with ThreadPoolExecutor(max_workers=1) as plotter:
-        plotted = plotter.submit(plot_sites)
-        simulation.run(config, run_dir, on_progress=on_progress, link=link)
-        plotted.result()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as plotter:
+            plotted = plotter.submit(plot_sites)
+            simulation.run(config, run_dir, on_progress=on_progress, link=link)
+            plotted.result()
+    finally:
+        if own:
+            link.stop()
     results = with_wall_time(run_dir, time.time() - started)
     if config.privacy.audit:
         if config.privacy.audit_canaries:
@@ -85,13 +105,18 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
 
 def check_config(config: Config) -> None:
     """Refuse what the sites' actual sizes or the privacy budget make impossible, before anything runs."""
+    check_budget(config, min(check_data(config)))
+
+
+def check_data(config: Config) -> list[int]:
+    """Refuse sites too small for their batches, or classes the model cannot have; returns the sites' sizes."""
     from fedclinic.data import CLASS_NAMES, site_sizes
 
     sizes = site_sizes(config.data, config.federation.sites)
     check_sites(config, sizes)
     if not config.data.path:  # the simulated data's classes (the ServerApp checks a user's against its test set)
         check_classes(config, CLASS_NAMES)
-    check_budget(config, min(sizes))
+    return sizes
 
 
 def check_budget(config: Config, smallest_site: int) -> None:

@@ -78,6 +78,9 @@ def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows
     model = fedclinic.load_model(run / "global_model.pt")
     assert not model.training
     assert "round" in proc.stdout and "rec eps" in proc.stdout  # the final table
+    # the ServerApp's last progress line says the run directory is complete, so the command asked no `flwr ls`
+    rows = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
+    assert [i for i, row in enumerate(rows) if "finished_run" in row] == [len(rows) - 1]
     assert processes_started_for(run) == []
 
 
@@ -88,12 +91,14 @@ def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows
 ])
 def test_an_impossible_setting_is_refused_before_anything_runs(tmp_path, capsys, setting, words):
     # (the command's own main, in this process: an exception it let through would fail the test as a traceback)
-    code = cli_main(["simulate", "--out", str(tmp_path), "--set", setting])
+    code = cli_main(["simulate", "--out", str(tmp_path / "runs"), "--name", "refused", "--set", setting])
     err = capsys.readouterr().err
     assert code == 2
     assert err.strip().count("\n") == 0  # one sentence
     assert words in err
-    assert list(tmp_path.iterdir()) == []  # no run directory was started
+    assert list(tmp_path.iterdir()) == []  # no run directory was started, nor the --out folder made
+    # the budget is checked while Flower's SuperLink starts: refused, it is stopped
+    assert processes_started_for(tmp_path / "runs" / "refused") == []
 
 
 def test_an_out_folder_that_is_a_file_is_refused_in_one_sentence(tmp_path, capsys):
@@ -349,6 +354,25 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
             stop_processes(with_env(marker))
 
 
+def test_following_a_run_ends_at_its_servers_finished_line_and_not_at_an_earlier_runs(tmp_path):
+    from fedclinic.runtime.processes import FlowerError
+    from fedclinic.runtime.runs import finished_row, follow
+    from fedclinic.runtime.simulation import LocalSuperLink
+
+    # Prepare: a real SuperLink; the progress file of a run directory whose run 7 wrote everything (a resumed
+    # run's directory holds such a file when its next run, 8, starts)
+    (tmp_path / "progress.jsonl").write_text(json.dumps({"round": 1}) + "\n" + json.dumps(finished_row(7)) + "\n")
+    shown = []
+    with LocalSuperLink(tmp_path) as link:
+        # Execute and assert: run 7 completed, said by its own line; the line is not a progress row to show
+        follow(link.connection, 7, tmp_path, shown.append)
+        assert shown == [{"round": 1}]
+        # run 8 has no such line, so the SuperLink is asked, and it knows no run 8
+        with pytest.raises(FlowerError, match="the Flower run ended as 'unknown'"):
+            follow(link.connection, 8, tmp_path)
+    assert processes_started_for(tmp_path) == []
+
+
 class AnsweringConnection:
     """The SuperLink's verdicts on the run, in order (what `flwr ls` would say), for ServerWatch."""
 
@@ -367,7 +391,7 @@ class AnsweringConnection:
 def test_the_watch_fails_a_run_whose_server_process_is_gone_while_the_superlink_still_runs_it(tmp_path, verdicts,
                                                                                                fails):
     from fedclinic.runtime.processes import FlowerError, flower_env
-    from fedclinic.runtime.simulation import ServerWatch
+    from fedclinic.runtime.simulation import ServerWatch, server_processes
 
     # Prepare: a process of this run's environment whose command line names flwr-simulation
     home = tmp_path / ".flwr"
@@ -375,6 +399,9 @@ def test_the_watch_fails_a_run_whose_server_process_is_gone_while_the_superlink_
                               env=flower_env(home))
     watch = ServerWatch(AnsweringConnection(home, *verdicts), run_id=1, grace=0.05)
     try:
+        deadline = time.monotonic() + 10
+        while not server_processes(home) and time.monotonic() < deadline:
+            time.sleep(0.05)  # its environment is readable once it runs (before its exec, it is pytest's)
         watch()  # it has seen the server process
         # Execute: the process dies (SIGKILL, as the kernel's OOM killer does)
         server.kill()

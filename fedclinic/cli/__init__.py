@@ -41,6 +41,17 @@ def _terminated(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # `kill PID` stops what the command started, as Ctrl-C does
 
 
+def said_in_one_sentence() -> tuple[type[Exception], ...]:
+    """The errors a command reports as one sentence, not a traceback. Imported only when one is raised: the
+    ledger's module alone imports Opacus (1.6 s), which `simulate` imports while Flower starts."""
+    from fedclinic.analysis.audit import AuditError
+    from fedclinic.privacy.ledger import LedgerError
+    from fedclinic.runtime.processes import FlowerError
+    from fedclinic.server.checkpoint import CheckpointError
+
+    return ConfigError, DataError, FlowerError, LedgerError, AuditError, CheckpointError
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminated)
@@ -56,16 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     certs_parser(sub)
     demo_parser(sub)
     args = parser.parse_args(argv)
-    from fedclinic.analysis.audit import AuditError
-    from fedclinic.privacy.ledger import LedgerError
-    from fedclinic.runtime.processes import FlowerError
-    from fedclinic.server.checkpoint import CheckpointError
-
     try:
         commands = {"simulate": simulate, "baselines": baselines, "budget": budget, "sweep": sweep, "ledger": ledger,
                     "audit": audit, "evaluate": evaluate, "certs": certs, "demo": demo}
         return commands[args.command](args)
-    except (ConfigError, DataError, FlowerError, LedgerError, AuditError, CheckpointError) as err:
+    except Exception as err:
+        if not isinstance(err, said_in_one_sentence()):
+            raise
         print(f"fedclinic: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

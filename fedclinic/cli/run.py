@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from fedclinic import api
-from fedclinic.api import baselines_into_run, check_config
+from fedclinic.api import baselines_into_run, check_config, check_data
 from fedclinic.cli.options import add_run_options, describe_privacy, progress_printer, resolve, resolve_resume, show_row
 from fedclinic.cli.privacy import format_audit, privacy_bug_status
 from fedclinic.cli.progress import Progress
@@ -78,11 +78,9 @@ def post_training_summary(results: dict) -> list[str]:
 
 
 def simulate(args: argparse.Namespace) -> int:
-    from fedclinic.report import run_directory
-
     config = resolve_resume(args) if args.resume else resolve(args)
-    check_config(config)
-    run_dir = run_directory(config)
+    check_data(config)  # the budget is checked by fedclinic.run, while Flower's SuperLink starts
+    run_dir = Path(config.output.dir, config.output.name)  # made by fedclinic.run
     say = progress_printer(config)
     fed = config.federation
     what = "resuming" if config.output.resume else "fedclinic:"

@@ -2,7 +2,7 @@
 
 runs/<name>/
   config.toml      the resolved configuration (load it back with --config)
-  progress.jsonl   one line per round as it happens (what `fedclinic simulate` shows)
+  progress.jsonl   one line per round as it happens (what `fedclinic simulate` shows), then "finished_run"
   metrics.csv      a row per round and site, plus a `central` row per round
   results.json     the summary; keys documented in docs/outputs.md
   global_model.pt  the final global model: fedclinic.load_model(path)
@@ -109,7 +109,10 @@ class RunRecorder:
     def note(self, message: str, step: tuple[str, int, int] | None = None) -> None:
         """A line of progress that is not a round (the post-training steps), for the command to show;
         `step` = (kind, done, total) when the line finishes one of `total` steps of that kind."""
-        row = {"message": message} if step is None else {"message": message, "step": list(step)}
+        self.append({"message": message} if step is None else {"message": message, "step": list(step)})
+
+    def append(self, row: dict) -> None:
+        """One line of the progress file."""
         with open(self.path / "progress.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 

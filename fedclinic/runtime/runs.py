@@ -2,8 +2,10 @@
 
 Used by `fedclinic simulate` (a simulation SuperLink) and `fedclinic demo`
 (a Deployment Engine SuperLink with SuperNodes) alike. `flwr run --stream`
-exits 0 even when the run failed, so the outcome is asked of the SuperLink
-(`flwr ls --run-id`) and a failed run raises FlowerError with the reason.
+exits 0 even when the run failed, so unless the ServerApp's last progress
+line (`finished_row`) says it completed, the outcome is asked of the
+SuperLink (`flwr ls --run-id`) and a failed run raises FlowerError with the
+reason.
 
 `flwr run DIR` packs DIR into the app bundle (FAB) after walking every file
 under it, the virtual environment and old runs of a clone included (about
@@ -91,6 +93,15 @@ class Connection:
             return "unknown"
 
 
+# the key of the last line the ServerApp writes to progress.jsonl, once the run directory is complete
+FINISHED = "finished_run"
+
+
+def finished_row(run_id: int) -> dict:
+    """The ServerApp's last progress line: Flower run `run_id` wrote its whole run directory."""
+    return {FINISHED: run_id}
+
+
 def submit(connection: Connection, run_config: Path, federation_config: str | None = None) -> int:
     """`flwr run APP CONNECTION --run-config FILE`; returns the run id, or FlowerError with the SuperLink's reason."""
     app = stage_app(connection.flwr_home / "app-source")
@@ -105,7 +116,8 @@ def follow(connection: Connection, run_id: int, run_dir: Path,
            start_timeout: float = 180.0) -> None:
     """Stream the run's log to run_dir/flower.log and its progress lines to `on_progress` until it ends.
 
-    Raises FlowerError naming the SuperLink's verdict and the last error of the
+    Returns as soon as the ServerApp's last progress line (`finished_row`) says the run directory is
+    complete: flower.log then ends where Flower's own teardown begins. Raises FlowerError naming the SuperLink's verdict and the last error of the
     log when the run did not complete, or when it is still waiting to start
     after `start_timeout` seconds (a SuperLink that cannot start the ServerApp
     leaves it pending for ever). `while_running` is called every half second
@@ -116,10 +128,20 @@ def follow(connection: Connection, run_id: int, run_dir: Path,
     with open(log_path, "w") as log:
         streamer = subprocess.Popen([flower_bin("flwr"), "log", str(run_id), connection.name, "--stream"],
                                     env=connection.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    seen, deadline = 0, time.monotonic() + start_timeout
+    seen, deadline, finished = 0, time.monotonic() + start_timeout, False
+
+    def shown(row: dict) -> None:
+        nonlocal finished
+        if FINISHED in row:  # kept from on_progress; a resumed run's file may still hold an earlier run's
+            finished = finished or row[FINISHED] == run_id
+        elif on_progress is not None:
+            on_progress(row)
+
     try:
         while streamer.poll() is None:
-            seen = _follow(progress, seen, on_progress)
+            seen = _follow(progress, seen, shown)
+            if finished:  # not waiting out Flower's teardown (stopping Ray, about 3 s): the run is written
+                break
             if deadline and time.monotonic() > deadline:
                 status, deadline = connection.status(run_id), 0.0
                 if status in ("pending", "starting"):
@@ -128,7 +150,7 @@ def follow(connection: Connection, run_id: int, run_dir: Path,
             if while_running is not None:
                 while_running()
             time.sleep(0.5)
-        _follow(progress, seen, on_progress)
+        _follow(progress, seen, shown)
     finally:
         if streamer.poll() is None:
             streamer.terminate()
@@ -137,6 +159,8 @@ def follow(connection: Connection, run_id: int, run_dir: Path,
             except subprocess.TimeoutExpired:
                 streamer.kill()
                 streamer.wait()
+    if finished:  # the ServerApp wrote its last line, so it completed: no need to ask (`flwr ls`, 1.5 s)
+        return
     status = connection.status(run_id)
     if status != "finished:completed":
         raise FlowerError(f"the Flower run ended as {status!r}{last_error(log_path)}; see {log_path}")

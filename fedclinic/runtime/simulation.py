@@ -64,13 +64,15 @@ class LocalSuperLink:
         self.stop()
 
     def up(self) -> "LocalSuperLink":
-        """Started and answering: started on the first call (a sweep whose points are all done starts nothing).
+        """Started and answering: started on the first call unless `start` was called (a sweep whose points are all
+        done starts nothing).
 
         On later calls the previous run's ServerApp process may still be exiting; it is waited for, so that
         ServerWatch follows the next run's process alone.
         """
         if not self.daemon.running():
-            return self.start().wait()
+            self.start()
+        self.wait()  # one request when it answers already
         previous_servers_gone(self.connection.flwr_home)
         return self
 

@@ -18,6 +18,7 @@ from fedclinic.data import server_test_set, site_sizes
 from fedclinic.device import resolve_device
 from fedclinic.model import initial_model
 from fedclinic.report import RunRecorder, run_directory
+from fedclinic.runtime.runs import finished_row
 from fedclinic.server.checkpoint import load_checkpoint
 from fedclinic.server.personalization import personalize_sites
 from fedclinic.server.post_training import post_training
@@ -60,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
                     stop_reason=strategy.stop_reason, central_epsilon=strategy.central_epsilon(),
                     post_training=found, personalization=personalization)
     log(INFO, "fedclinic: run written to %s", run_dir)
+    recorder.append(finished_row(context.run_id))  # the last line: the command need not ask Flower how it ended
 
 
 def connected_sites(grid: Grid, config: Config) -> int:
