@@ -3,8 +3,8 @@
 `fedclinic simulate` uses no hand-written loop and no deprecated entry point:
 it starts a SuperLink in simulation mode on a free loopback port, submits the
 app with `flwr run` (exactly what a user would type), follows the run's
-progress file, asks the SuperLink how the run ended, and stops every process
-it started, also on error or Ctrl-C.
+progress file until the ServerApp's last line (or else asks the SuperLink how
+the run ended), and stops every process it started, also on error or Ctrl-C.
 
 On an existing Ray cluster: start the run with RAY_ADDRESS set (docs/deployment.md,
 "Bigger than one machine"); Flower's Ray backend then joins that cluster
