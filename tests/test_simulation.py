@@ -364,8 +364,9 @@ def test_following_a_run_ends_at_its_servers_finished_line_and_not_at_an_earlier
     (tmp_path / "progress.jsonl").write_text(json.dumps({"round": 1}) + "\n" + json.dumps(finished_row(7)) + "\n")
     shown = []
     with LocalSuperLink(tmp_path) as link:
-        # Execute and assert: run 7 completed, said by its own line; the line is not a progress row to show
-        follow(link.connection, 7, tmp_path, shown.append)
+        # Execute and assert: run 7 completed, said by its own line (and the command stops Flower's processes
+        # next, so it need not wait for Flower to mark the run finished); the line is not a progress row to show
+        follow(link.connection, 7, tmp_path, shown.append, until_written=True)
         assert shown == [{"round": 1}]
         # run 8 has no such line, so the SuperLink is asked, and it knows no run 8
         with pytest.raises(FlowerError, match="the Flower run ended as 'unknown'"):

@@ -113,11 +113,13 @@ def submit(connection: Connection, run_config: Path, federation_config: str | No
 
 def follow(connection: Connection, run_id: int, run_dir: Path,
            on_progress: Callable[[dict], None] | None = None, *, while_running: Callable[[], None] | None = None,
-           start_timeout: float = 180.0) -> None:
+           start_timeout: float = 180.0, until_written: bool = False) -> None:
     """Stream the run's log to run_dir/flower.log and its progress lines to `on_progress` until it ends.
 
-    Returns as soon as the ServerApp's last progress line (`finished_row`) says the run directory is
-    complete: flower.log then ends where Flower's own teardown begins. Raises FlowerError naming the SuperLink's verdict and the last error of the
+    With `until_written`, returns as soon as the ServerApp's last progress line (`finished_row`) says the run
+    directory is complete, for a caller that stops Flower's processes next: Flower still marks the run
+    finished after its own teardown (stopping Ray, about 3 s), and flower.log ends where that begins.
+    Raises FlowerError naming the SuperLink's verdict and the last error of the
     log when the run did not complete, or when it is still waiting to start
     after `start_timeout` seconds (a SuperLink that cannot start the ServerApp
     leaves it pending for ever). `while_running` is called every half second
@@ -140,7 +142,7 @@ def follow(connection: Connection, run_id: int, run_dir: Path,
     try:
         while streamer.poll() is None:
             seen = _follow(progress, seen, shown)
-            if finished:  # not waiting out Flower's teardown (stopping Ray, about 3 s): the run is written
+            if finished and until_written:
                 break
             if deadline and time.monotonic() > deadline:
                 status, deadline = connection.status(run_id), 0.0

@@ -140,7 +140,9 @@ def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | Non
     try:
         link = LocalSuperLink(run_dir).start().wait() if own else link.up()
         run_id = submit(link.connection, run_config, federation)
-        follow(link.connection, run_id, run_dir, on_progress, while_running=ServerWatch(link.connection, run_id))
+        # the run's processes are stopped (or, on a sweep's SuperLink, waited for) next: not waiting out Ray's teardown
+        follow(link.connection, run_id, run_dir, on_progress, while_running=ServerWatch(link.connection, run_id),
+               until_written=True)
     except FlowerError as err:
         raise SimulationError(str(err)) from None
     finally:
