@@ -57,6 +57,20 @@ def test_calibrated_sigma_meets_the_target_within_one_percent(accountant, target
     assert eps >= target * 0.99
 
 
+@pytest.mark.parametrize("target, q, steps", [(8.0, 0.5, 20), (8.0, 0.2, 50)])
+def test_calibrated_sigma_is_the_smallest_that_meets_the_target_over_all_of_opacus_orders(target, q, steps):
+    # the search runs over the integer orders first; at these settings the best order is a fractional one,
+    # where the integer orders alone would give a sigma about 1% too large
+    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps)
+    accountant = make_accountant("rdp")  # Opacus's own, at all of its orders
+    accountant.history = [(sigma, q, steps)]
+    eps, best_order = accountant.get_privacy_spent(delta=1e-5)
+    assert not float(best_order).is_integer()
+    assert eps <= target
+    accountant.history = [(sigma * (1 - 2e-4), q, steps)]
+    assert accountant.get_epsilon(delta=1e-5) > target
+
+
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")
 @pytest.mark.parametrize("target, q, steps", [(0.2, 0.5, 2000), (40.0, 0.5, 4)])
 def test_a_sigma_beyond_the_first_brackets_is_found_too(target, q, steps):
