@@ -51,7 +51,6 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
     """
     from fedclinic.data import site_data
     from fedclinic.report import run_directory, with_wall_time
-    from fedclinic.report.plots import plot_label_distribution, plot_site_samples
     from fedclinic.runtime import simulation
 
     say = say or _quiet
@@ -75,6 +74,8 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
 
     def plot_sites() -> None:
         """What the sites hold: in simulation only, the server never sees site data in deployment."""
+        from fedclinic.report.plots import plot_label_distribution, plot_site_samples
+
         sites = [site_data(config.data, k, fed.sites)[0] for k in range(fed.sites)]
         plot_label_distribution(sites, run_dir / "label_distribution.png")
         plot_site_samples(sites, run_dir / "site_samples.png")

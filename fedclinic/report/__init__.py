@@ -21,8 +21,6 @@ from pathlib import Path
 from fedclinic import __version__
 from fedclinic.atomic import atomic_file
 from fedclinic.config import Config, ConfigError
-from fedclinic.model import save_model
-from fedclinic.report.plots import plot_central, plot_epsilon
 from fedclinic.report.schema import Results
 from fedclinic.report.text import format_metric, format_table, write_reports  # noqa: F401 (format_table: for the CLI)
 
@@ -149,6 +147,10 @@ class RunRecorder:
         post_training: dict | None = None,
         personalization: dict | None = None,
     ) -> dict:
+        # torch and matplotlib, imported here: the command imports this package before it starts Flower
+        from fedclinic.model import save_model
+        from fedclinic.report.plots import plot_central, plot_epsilon
+
         save_model(model, self.path / "global_model.pt", class_names=class_names)
         sites = summarize_sites(site_metrics, self.config, personalization)
         results = self._results(sites, site_metrics, strategy_seconds)
