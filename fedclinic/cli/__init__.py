@@ -23,6 +23,7 @@ simulate and sweep share.
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import sys
 import threading
@@ -41,15 +42,16 @@ def _terminated(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # `kill PID` stops what the command started, as Ctrl-C does
 
 
-def said_in_one_sentence() -> tuple[type[Exception], ...]:
-    """The errors a command reports as one sentence, not a traceback. Imported only when one is raised: the
-    ledger's module alone imports Opacus (1.6 s), which `simulate` imports while Flower starts."""
-    from fedclinic.analysis.audit import AuditError
-    from fedclinic.privacy.ledger import LedgerError
-    from fedclinic.runtime.processes import FlowerError
-    from fedclinic.server.checkpoint import CheckpointError
+# the errors a command reports as one sentence, not a traceback, beside ConfigError and DataError: module -> class
+ONE_SENTENCE = {"fedclinic.analysis.audit": "AuditError", "fedclinic.privacy.ledger": "LedgerError",
+                "fedclinic.runtime.processes": "FlowerError", "fedclinic.server.checkpoint": "CheckpointError"}
 
-    return ConfigError, DataError, FlowerError, LedgerError, AuditError, CheckpointError
+
+def said_in_one_sentence() -> tuple[type[Exception], ...]:
+    """The errors a command reports as one sentence. An error can only have been raised by a module already
+    imported, and importing the others would cost seconds (the ledger's module alone imports Opacus, 1.6 s)."""
+    loaded = [getattr(sys.modules[module], name) for module, name in ONE_SENTENCE.items() if module in sys.modules]
+    return (ConfigError, DataError, *loaded)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,3 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedclinic: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The `fedclinic` command: `main`, then exit. Objects alive at exit are frozen first (gc.freeze), so that
+    Python's last garbage collection does not walk every object torch and Opacus made: it took 1.1 s of every
+    command's exit (measured with torch, Opacus and matplotlib imported; 0.2 s frozen). Nothing is left to
+    collect then: the process ends."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)

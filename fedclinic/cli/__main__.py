@@ -1,7 +1,5 @@
 """python -m fedclinic.cli ..."""
 
-import sys
+from fedclinic.cli import entry
 
-from fedclinic.cli import main
-
-sys.exit(main())
+entry()
