@@ -54,13 +54,11 @@ from fedclinic.clients.training import round_lr_scale, train_locally
 from fedclinic.config import Config, PrivacyConfig
 from fedclinic.data import ImageSet, server_test_set, site_data, union
 from fedclinic.device import resolve_device
-from fedclinic.evaluation import evaluate
+from fedclinic.evaluation import evaluate, summarize
 from fedclinic.model import build_model, initial_model
 from fedclinic.privacy.accounting import epsilon, plan_sites
 from fedclinic.privacy.ledger import make_plan
 from fedclinic.report.text import format_metric
-
-SUMMARIZED = ("accuracy", "f1", "iou")
 
 
 def privacy_note(config: Config) -> str:
@@ -165,23 +163,6 @@ def silo(config: Config, splits: list[tuple[ImageSet, ImageSet]], test_set: Imag
     return {"private": p.local, "note": privacy_note(config), "sites": sites,
             "max_epsilon": max(s["epsilon"] for s in sites) if p.local else None,  # the most any site spent
             "test": summarize([s["test"] for s in sites]), "val": summarize([s["val"] for s in sites])}
-
-
-def summarize(scores: list[dict], sites: list[int] | None = None) -> dict:
-    """Mean, worst and best over the sites of each metric (each metric its own worst and best site), and which
-    sites had the worst and the best accuracy (their numbers in `sites`, by default their places in `scores`).
-    Sites where a metric is not applicable (NaN) are left out of it."""
-    sites = list(range(len(scores))) if sites is None else sites
-    found = {"mean": {}, "worst": {}, "best": {}}
-    for metric in SUMMARIZED:
-        values = [s[metric] for s in scores if math.isfinite(s[metric])]
-        found["mean"][metric] = float(np.mean(values)) if values else math.nan
-        found["worst"][metric] = min(values, default=math.nan)
-        found["best"][metric] = max(values, default=math.nan)
-    ranked = sorted((s["accuracy"], k) for k, s in zip(sites, scores) if math.isfinite(s["accuracy"]))
-    found["worst_site"] = ranked[0][1] if ranked else None
-    found["best_site"] = ranked[-1][1] if ranked else None
-    return found
 
 
 @contextmanager

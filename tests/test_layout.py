@@ -86,3 +86,14 @@ def test_importing_the_plots_leaves_the_users_matplotlib_backend_alone():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "svg"
+
+
+def test_the_command_starts_flower_before_torch_and_the_server_never_imports_opacus():
+    # every simulated run pays these imports: the command's before its SuperLink starts (torch and matplotlib,
+    # 2.2 s), the ServerApp's before round 1 (Opacus, 1.6 s), though neither process trains with DP-SGD
+    code = ("import sys; import fedclinic.cli, fedclinic.api, fedclinic.runtime.simulation; before = set(sys.modules); "
+            "import fedclinic.server.app; print(sorted({m.split('.')[0] for m in before} & {'torch', 'matplotlib', "
+            "'opacus'}), 'opacus' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["[]", "False"]

@@ -32,12 +32,11 @@ from fedclinic.clients.training import round_lr_scale, train_locally
 from fedclinic.config import Config, check_site_size
 from fedclinic.data import ImageSet
 from fedclinic.device import resolve_device
-from fedclinic.evaluation import evaluate
+from fedclinic.evaluation import SCORES, evaluate
 from fedclinic.model import build_model
 from fedclinic.privacy.accounting import steps_per_epoch
 from fedclinic.privacy.ledger import FINETUNING, Ledger
 
-SCORES = ("accuracy", "f1", "iou")
 # the metrics of the last fine-tuning, kept beside the ledger: a resumed server that asks again is sent them
 PERSONALIZED = "last_personalization.pt"
 

@@ -188,3 +188,24 @@ def backdoor_success_rate(model: nn.Module, data: ImageSet, *, target: int, batc
         for images, _, _ in batches(triggered, batch_size=batch_size, device=device):
             hits += int((model(images)[0].argmax(dim=1) == target).sum())
     return hits / len(others)
+
+
+# the scores of a model on a site's data that the per-site summaries report
+SCORES = ("accuracy", "f1", "iou")
+
+
+def summarize(scores: list[dict], sites: list[int] | None = None) -> dict:
+    """Mean, worst and best over the sites of each metric (each metric its own worst and best site), and which
+    sites had the worst and the best accuracy (their numbers in `sites`, by default their places in `scores`).
+    Sites where a metric is not applicable (NaN) are left out of it."""
+    sites = list(range(len(scores))) if sites is None else sites
+    found = {"mean": {}, "worst": {}, "best": {}}
+    for metric in SCORES:
+        values = [s[metric] for s in scores if math.isfinite(s[metric])]
+        found["mean"][metric] = float(np.mean(values)) if values else math.nan
+        found["worst"][metric] = min(values, default=math.nan)
+        found["best"][metric] = max(values, default=math.nan)
+    ranked = sorted((s["accuracy"], k) for k, s in zip(sites, scores) if math.isfinite(s["accuracy"]))
+    found["worst_site"] = ranked[0][1] if ranked else None
+    found["best_site"] = ranked[-1][1] if ranked else None
+    return found

@@ -21,9 +21,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedclinic.baselines import summarize
-from fedclinic.clients.personalize import SCORES
 from fedclinic.config import Config
+from fedclinic.evaluation import SCORES, summarize
 from fedclinic.strategies.sites import failure
 
 RELEASE = ("The validation accuracies are released outside the DP guarantee: they are aggregate statistics of each "
