@@ -1,11 +1,12 @@
 """Privacy arithmetic and the site ledger, checked against Google's dp-accounting."""
 
 import json
+import warnings
 
 import dp_accounting
 import pytest
 
-from fedclinic.privacy.accounting import calibrate_noise, epsilon, make_accountant, plan_site, sample_rate
+from fedclinic.privacy.accounting import calibrate_noise, epsilon, make_accountant, plan_site, reachable, sample_rate
 from fedclinic.privacy.ledger import Ledger, Plan
 
 OPACUS_RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -69,6 +70,15 @@ def test_calibrated_sigma_is_the_smallest_that_meets_the_target_over_all_of_opac
     assert eps <= target
     accountant.history = [(sigma * (1 - 2e-4), q, steps)]
     assert accountant.get_epsilon(delta=1e-5) > target
+
+
+def test_a_reachable_budget_is_said_so_without_warnings_about_orders_it_never_used():
+    # the quick check over the integer orders alone ends at its smallest order, 2; over all orders the best is 1.9
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert reachable(target_epsilon=60.0, delta=1e-5, sample_rate=1.0, steps=10_000)
+    assert [str(w.message) for w in seen] == []
+    assert not reachable(target_epsilon=1e-6, delta=1e-5, sample_rate=1.0, steps=10_000)
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha:UserWarning")

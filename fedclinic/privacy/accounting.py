@@ -114,12 +114,13 @@ def reachable(*, target_epsilon: float, delta: float, sample_rate: float, steps:
     its last one does (at a sample rate of 1/2 that evaluation alone takes
     seconds).
     """
+    if accountant == "rdp":  # epsilon over the integer orders bounds it from above: when that meets the target, so
+        with warnings.catch_warnings(record=True):  # does the whole; its best order says nothing about the whole's
+            warnings.simplefilter("always")
+            if _rdp_spent(FIRST_BRACKET, sample_rate, steps, delta, INTEGER_ORDERS)[0] <= target_epsilon:
+                return True
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
-        # epsilon over the integer orders bounds it from above: when that meets the target, so does the whole
-        upper = _rdp_spent(FIRST_BRACKET, sample_rate, steps, delta, INTEGER_ORDERS)[0] if accountant == "rdp" else None
-        if upper is not None and upper <= target_epsilon:
-            return True
         return any(epsilon([(sigma, sample_rate, steps)], delta=delta, accountant=accountant) <= target_epsilon
                    for sigma in (FIRST_BRACKET, MAX_SIGMA))
 
