@@ -183,10 +183,10 @@ def calibrate_noise(
         except ValueError:  # out of reach at these orders: all of them decide
             orders, log_sigma = None, math.log(FIRST_BRACKET)
             break
-        eps(log_sigma)  # over all orders, as `epsilon` gives it (its warnings kept, for the chosen sigma)
-        with warnings.catch_warnings(record=True):  # the same evaluation's warnings again: already kept above
+        with warnings.catch_warnings(record=True) as seen:  # over all orders: kept, in case this sigma is chosen
             warnings.simplefilter("always")
             best = _rdp_spent(math.exp(log_sigma), sample_rate, steps, delta, ORDERS)[1]
+        caught.setdefault(log_sigma, seen)
         if best in orders:
             break
         orders = tuple(sorted({*orders, *(a for a in ORDERS if abs(a - best) <= 0.5)}))

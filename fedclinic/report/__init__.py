@@ -112,7 +112,7 @@ class RunRecorder:
     def append(self, row: dict) -> None:
         """One line of the progress file."""
         with open(self.path / "progress.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(_progress_line(row))
 
     def central_round(
         self, server_round: int, scores: dict, site_metrics: list[dict], central_epsilon: float | None = None
@@ -131,8 +131,7 @@ class RunRecorder:
         if "backdoor_success_rate" in scores:  # only under a backdoor attack, as the schema has it
             row["backdoor_success_rate"] = float(scores["backdoor_success_rate"])
         self.central.append(row)
-        with open(self.path / "progress.jsonl", "a") as f:
-            f.write(_progress_line(row))
+        self.append(row)
         return format_progress(row, self.config.federation.rounds)
 
     def finish(
