@@ -247,7 +247,7 @@ def test_baselines_of_a_run_directory_add_a_section_to_its_results_and_report(tm
     (["{run}", "--rounds", "3"], "uses the run's own config.toml; --rounds cannot change it"),
     (["{run}", "--set", "privacy.target-epsilon=3"], "cannot change privacy.target-epsilon"),
     (["{broken}"], "cannot be read as JSON"),
-    (["--set", "training.batch-size=5000", "--out", "{new}"], "training.batch-size=5000 is larger than site"),
+    (["--set", "privacy.delta=0.01", "--out", "{new}"], "privacy.delta=0.01 must be below 1/"),
     (["--set", "privacy.target-epsilon=1e-7", "--out", "{new}"], "no noise level reaches epsilon=1e-07"),
     (["--out", "{tmp}", "--name", "fed"], "already holds a federated run; give it as RUN_DIR"),
 ])

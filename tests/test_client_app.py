@@ -129,13 +129,13 @@ def test_a_deployed_site_sends_back_only_model_arrays_and_scalar_metrics(flower_
     assert Ledger.open(tmp_path / "state", site=2).rounds_trained == 1
 
 
-def test_a_deployed_site_too_small_for_the_batch_says_so_in_its_reply(flower_task, tmp_path):
+def test_a_deployed_site_too_small_for_the_delta_says_so_in_its_reply(flower_task, tmp_path):
     site_file(tmp_path / "site.npz", 40)
-    config = load_config(None, ["training.batch-size=64"])
+    config = load_config(None, ["privacy.delta=0.05"])
     model = MultiTaskNet(in_channels=3, num_classes=4, width=config.model.width)
     ctx = deployed(config, tmp_path, site=1)
     # the runtime turns the exception into the error reply the server logs
-    with pytest.raises(ConfigError, match="training.batch-size=64 is larger than site 1, which has only 40 training"):
+    with pytest.raises(ConfigError, match=r"privacy.delta=0.05 must be below 1/40 \(site 1 has 40 training images"):
         app(message("train", model, tmp_path / "unused"), ctx)
     assert not (tmp_path / "state" / "ledger.json").exists()  # nothing spent
 

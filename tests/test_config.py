@@ -140,12 +140,6 @@ def test_delta_is_not_checked_for_the_non_private_baseline():
     check_sites(config, [10, 20])
 
 
-def test_batch_larger_than_a_site_is_refused():
-    config = load_config(None, ["training.batch-size=128"])
-    with pytest.raises(ConfigError, match="training.batch-size=128 is larger than site 2, which has only 100"):
-        check_sites(config, [500, 300, 100])
-
-
 def test_a_single_site_runs_and_min_sites_must_be_positive():
     assert load_config(None, ["federation.sites=1"]).federation.sites == 1
     with pytest.raises(ConfigError, match="federation.min-sites must be at least 1, got 0"):

@@ -275,6 +275,29 @@ def test_the_recipe_leaves_what_the_ledger_records_and_epsilon_unchanged(tmp_pat
     assert metrics["epsilon"] == pytest.approx(accountant.get_epsilon(config.privacy.delta), rel=1e-3)
 
 
+def test_a_site_smaller_than_the_batch_takes_all_its_records_each_step_and_spends_the_gaussian_mechanisms_epsilon(
+        tmp_path):
+    # Prepare: a site of 200 records (160 after its validation split) and an expected batch of 5,000
+    import dp_accounting
+
+    config = load_config(None, SMALL + ["training.batch-size=5000", "training.local-epochs=3", "federation.rounds=2",
+                                        "personalize.epochs=0"])
+    site = Site(index=0, count=2, state_dir=tmp_path / "site-0")
+    train, _ = site.data(config)
+    # Execute
+    state, metrics, _ = train_round(config, site, initial_state(config, site), server_round=1)
+    # Assert: one full-batch step per epoch (Poisson sampling at rate 1), and epsilon is that of 3 Gaussian
+    # mechanisms, composed without sampling by Google's accountant
+    ledger = Ledger.open(tmp_path / "site-0", site=0)
+    assert metrics["sample-rate"] == 1.0 and metrics["steps"] == 3 and [e.steps for e in ledger.entries] == [3]
+    assert metrics["num-examples"] == len(train) < 5000
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    accountant = dp_accounting.rdp.RdpAccountant(orders)
+    accountant.compose(dp_accounting.GaussianDpEvent(metrics["sigma"]), 3)
+    assert metrics["epsilon"] == pytest.approx(accountant.get_epsilon(config.privacy.delta), rel=1e-3)
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
 def test_the_cosine_schedule_falls_from_the_full_rate_to_a_tenth_over_the_rounds():
     from fedclinic.clients.training import round_lr_scale
 

@@ -188,12 +188,11 @@ def check_sites(config: Config, site_sizes: list[int]) -> None:
 
 
 def check_site_size(config: Config, size: int, *, site: int) -> None:
-    """Refuse a batch or a delta that a site of `size` training images cannot have (a deployed site checks itself)."""
-    _require(
-        config.training.batch_size <= size,
-        f"training.batch-size={config.training.batch_size} is larger than site {site}, "
-        f"which has only {size} training images",
-    )
+    """Refuse a delta that a site of `size` training images cannot have (a deployed site checks itself).
+
+    A batch larger than the site is no error: the site then takes all its images in every step (with DP,
+    Poisson sampling at rate 1), as Opacus's loader does.
+    """
     if config.privacy.local:
         _require(
             config.privacy.delta < 1 / size,

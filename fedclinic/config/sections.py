@@ -82,7 +82,8 @@ class ModelConfig:
 class TrainingConfig:
     # passes over the site's data per round
     local_epochs: int = 1
-    # expected batch size; with DP, Poisson sampling at rate batch-size / site size
+    # expected batch size; with DP, Poisson sampling at rate 1 / ceil(site size / batch-size),
+    # so a site smaller than the batch takes all its images in every step
     batch_size: int = 128
     # local optimizer: sgd or adam (Opacus wraps either as DP-SGD / DP-Adam)
     optimizer: str = "sgd"
