@@ -24,7 +24,7 @@ def full_run(tmp_path_factory):
     import subprocess
     import sys
 
-    from fedclinic.runtime.processes import stop_processes, with_env
+    from fedclinic.runtime.processes import of_flwr_home, stop_processes
 
     out = tmp_path_factory.mktemp("full-run")
     settings = ["data.test-size=300", "data.label-alpha=100", "training.local-epochs=3", "robustness.max-images=120",
@@ -36,4 +36,4 @@ def full_run(tmp_path_factory):
                               capture_output=True, text=True, timeout=900)
         yield proc, out / "e2e"
     finally:  # whatever the tests found, nothing of the run is left running
-        stop_processes(with_env(f"FLWR_HOME={out / 'e2e' / '.flwr'}"))
+        stop_processes(of_flwr_home(out / "e2e" / ".flwr"))

@@ -20,7 +20,7 @@ import torch
 import fedclinic
 from fedclinic.cli import main as cli_main
 from fedclinic.privacy.ledger import Ledger
-from fedclinic.runtime.processes import command_of, stop_processes, with_env
+from fedclinic.runtime.processes import command_of, of_flwr_home, stop_processes, with_env
 
 # the steps after training (attack, compress, explain) are tested on their own and in one run (full_run)
 NO_POST = ["--set", "robustness.enabled=false", "--set", "compression.enabled=false", "--set", "explain.enabled=false"]
@@ -34,8 +34,8 @@ def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def processes_started_for(run_dir: Path) -> list[int]:
-    """PIDs of live processes whose environment points Flower at this run's FLWR_HOME."""
-    return sorted(with_env(f"FLWR_HOME={run_dir / '.flwr'}"))
+    """PIDs of live processes of this run's Flower runtime (its FLWR_HOME), Ray's included."""
+    return sorted(of_flwr_home(run_dir / ".flwr"))
 
 
 @pytest.mark.slow
@@ -146,7 +146,7 @@ def test_ctrl_c_or_kill_stops_every_process_the_run_started(tmp_path):
         for name, proc in procs.items():
             if proc.poll() is None:
                 proc.kill()
-            stop_processes(with_env(f"FLWR_HOME={tmp_path / name / '.flwr'}"))
+            stop_processes(of_flwr_home(tmp_path / name / ".flwr"))
 
 
 def write_scans(path: Path) -> Path:
@@ -202,7 +202,7 @@ def budget_run(tmp_path_factory) -> BudgetRun:
     try:
         yield BudgetRun(simulate(*common, "--out", str(tmp), "--name", "budget"), run, eps[0], budget, predicted)
     finally:
-        stop_processes(with_env(f"FLWR_HOME={run / '.flwr'}"))
+        stop_processes(of_flwr_home(run / ".flwr"))
 
 
 @pytest.mark.slow
@@ -304,9 +304,8 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
     run = tmp_path / "killed"
     library = tmp_path / "library"  # where the uninterrupted run goes, named by the time it starts
 
-    def markers() -> list[str]:
-        runs = [run, *(library.iterdir() if library.exists() else [])]
-        return [f"FLWR_HOME={path / '.flwr'}" for path in runs]
+    def homes() -> list[Path]:
+        return [path / ".flwr" for path in [run, *(library.iterdir() if library.exists() else [])]]
 
     def checkpointed() -> int:
         try:
@@ -347,11 +346,12 @@ def test_a_fedadam_run_whose_server_is_killed_after_round_1_resumes_to_the_model
                                                                    (4, "fine-tuning")]
         assert results["config"]["federation.strategy"] == "fedadam"
         assert results["config"]["federation.server-learning-rate"] == 0.01
-        assert all(with_env(marker) == set() for marker in markers())
+        # nothing of any leg is left running, Ray's agents of the killed leg included
+        assert all(of_flwr_home(home) == set() for home in homes())
     finally:  # a failed assertion above leaves nothing running either
         killed.stop()
-        for marker in markers():
-            stop_processes(with_env(marker))
+        for home in homes():
+            stop_processes(of_flwr_home(home))
 
 
 def test_following_a_run_ends_at_its_servers_finished_line_and_not_at_an_earlier_runs(tmp_path):

@@ -6,13 +6,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedclinic.clients.personalize import personalize_site
-from fedclinic.clients.site import Site, evaluate_round, train_round
 from fedclinic.config import ConfigError, from_run_config
+
+if TYPE_CHECKING:
+    from fedclinic.clients.site import Site
+
+# Flower's simulation runtime loads this module in its own process, only to check that it loads, and starts Ray
+# after that. So the site's modules (torch's training side and Opacus: about 1.6 s) are imported where a message
+# is handled: Ray starts while the ServerApp gets ready, and each simulated site imports them at its first message.
 
 app = ClientApp()
 
@@ -25,6 +31,8 @@ def _site(msg: Message, context: Context) -> Site:
     and reads only its own file; its ledger lives in its state-dir, and
     max-epsilon (optional) is its own record-level budget.
     """
+    from fedclinic.clients.site import Site
+
     node = context.node_config
     if "data-path" in node:  # deployed: a site that guessed its id or kept its ledger elsewhere would be wrong
         missing = [key for key in ("site-id", "state-dir") if key not in node]
@@ -50,6 +58,8 @@ def _site(msg: Message, context: Context) -> Site:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedclinic.clients.site import train_round
+
     config = from_run_config(context.run_config)
     state_dict = msg.content["arrays"].to_torch_state_dict()
     server_round = int(msg.content["config"]["server-round"])
@@ -69,6 +79,8 @@ def _reply(msg: Message, content: RecordDict, declined: str) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from fedclinic.clients.site import evaluate_round
+
     config = from_run_config(context.run_config)
     metrics = evaluate_round(config, _site(msg, context), msg.content["arrays"].to_torch_state_dict())
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -77,6 +89,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.evaluate("personalize")
 def personalize(msg: Message, context: Context) -> Message:
     """After the last round: fine-tune the global model here; only the validation scores go back, never the model."""
+    from fedclinic.clients.personalize import personalize_site
+
     config = from_run_config(context.run_config)
     server_round = int(msg.content["config"]["server-round"])
     metrics, declined = personalize_site(config, _site(msg, context), msg.content["arrays"].to_torch_state_dict(),

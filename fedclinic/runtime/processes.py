@@ -75,18 +75,27 @@ def descendants(root: int) -> set[int]:
     return found
 
 
-def with_env(marker: str) -> set[int]:
-    """Processes whose environment holds `marker` (NAME=value), e.g. this run's FLWR_HOME."""
-    wanted = marker.encode()
+def with_env(marker: str, *, mentioning: str | None = None) -> set[int]:
+    """Processes whose environment holds `marker` (NAME=value), e.g. this run's FLWR_HOME, or (with `mentioning`)
+    any variable whose value contains that text."""
+    wanted, named = marker.encode(), None if mentioning is None else mentioning.encode()
     pids = set()
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
             try:
-                if wanted in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.add(int(entry.name))
+                environ = (entry / "environ").read_bytes()
             except OSError:
                 continue
+            if wanted in environ.split(b"\0") or (named is not None and named in environ):
+                pids.add(int(entry.name))
     return pids
+
+
+def of_flwr_home(flwr_home: Path) -> set[int]:
+    """The processes of the Flower runtime with this FLWR_HOME. Ray's processes write their title over the start of
+    their environment, FLWR_HOME with it (a Ray agent orphaned by a killed ServerApp process was found by nothing
+    else), but their PYTHONPATH still names the app Flower installed under FLWR_HOME/apps."""
+    return with_env(f"FLWR_HOME={flwr_home}", mentioning=f"{flwr_home}/apps/")
 
 
 def command_of(pid: int) -> str:
@@ -126,6 +135,12 @@ def stop_processes(pids: set[int], *, grace: float = 10.0) -> None:
     """SIGTERM `pids`, then SIGKILL whatever is still alive after `grace` seconds."""
     _signal_all(pids, signal.SIGTERM)
     _signal_all(_wait_gone(pids, grace), signal.SIGKILL)
+    _wait_gone(pids, 5.0)
+
+
+def kill_processes(pids: set[int]) -> None:
+    """SIGKILL `pids` (a whole process tree, taken before any of it dies) and wait until they are gone."""
+    _signal_all(pids, signal.SIGKILL)
     _wait_gone(pids, 5.0)
 
 
@@ -199,7 +214,7 @@ def stop_all(daemons: list[Daemon], flwr_home: Path) -> None:
     (a detached SuperExec, Ray, whatever was started while they shut down)."""
     for daemon in daemons:
         daemon.stop()
-    stop_processes(with_env(f"FLWR_HOME={flwr_home}"))
+    stop_processes(of_flwr_home(flwr_home))
 
 
 def last_error(log: Path) -> str:
