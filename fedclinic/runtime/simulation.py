@@ -68,12 +68,15 @@ class LocalSuperLink:
         """Started and answering: started on the first call unless `start` was called (a sweep whose points are all
         done starts nothing).
 
-        On later calls the previous run's ServerApp process may still be exiting; it is waited for, so that
-        ServerWatch follows the next run's process alone.
+        On later calls the previous run's ServerApp process may still be exiting: once that run has written its
+        run directory it is killed with its Ray, as at the end (see `stop`), else waited for, so that ServerWatch
+        follows the next run's process alone.
         """
         if not self.daemon.running():
             self.start()
         self.wait()  # one request when it answers already
+        if self.finished:
+            discard_finished_run(self.connection.flwr_home)
         previous_servers_gone(self.connection.flwr_home)
         self.finished = False
         return self
