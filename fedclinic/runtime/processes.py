@@ -192,7 +192,7 @@ class Daemon:
             tree = descendants(self.process.pid)
             self.process.kill()
             self.process.wait(timeout=10)
-            _signal_all(tree, signal.SIGKILL)
+            kill_processes(tree)
             self.process = None
 
     def stop(self) -> None:

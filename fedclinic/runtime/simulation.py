@@ -107,9 +107,8 @@ def previous_servers_gone(flwr_home: Path, timeout: float = 30.0) -> None:
 def discard_finished_run(flwr_home: Path) -> None:
     """SIGKILL a completed run's ServerApp process and the Ray it started, as `ray stop --force` does, instead of
     waiting out their teardown (joining threads, ray.shutdown, every process exiting with torch loaded: 3 to 4 s of
-    both cores on the development machine). Only where the SuperLink stops next and takes the run's state with it,
-    and only once the run directory is written: every site's ledger was written before its reply. A Ray cluster
-    the run joined is no child of the ServerApp process and is left alone."""
+    both cores on the development machine). Only once the run directory is written: every site's ledger was
+    written before its reply. A Ray cluster the run joined is no child of the ServerApp process and is left alone."""
     servers = server_processes(flwr_home)
     kill_processes(servers.union(*(descendants(pid) for pid in servers)))
 
@@ -160,7 +159,7 @@ def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | Non
     try:
         link = LocalSuperLink(run_dir).start().wait() if own else link.up()
         run_id = submit(link.connection, run_config, federation)
-        # the run's processes are stopped (or, on a sweep's SuperLink, waited for) next: not waiting out Ray's teardown
+        # the run's processes are killed next (by `stop`, or by a sweep's next `up`): not waiting out Ray's teardown
         follow(link.connection, run_id, run_dir, on_progress, while_running=ServerWatch(link.connection, run_id),
                until_written=True)
         link.finished = True
