@@ -27,7 +27,7 @@ deploy-demo: $(STAMP)
 	$(BIN)/fedclinic demo $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/pytest -q $(ARGS)
+	$(BIN)/pytest -q -n auto --dist loadscope --no-loadscope-reorder $(ARGS)
 
 # every benchmark in bench/ (bench/utility.py alone takes about 1.5 h on 2 cores);
 # bench/digits_npz.py is not one: it writes a dataset for bench/utility.py --data

@@ -1,6 +1,25 @@
-"""Shared fixtures."""
+"""Shared fixtures, and the torch threads of pytest-xdist's workers."""
+
+import os
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs a worker per core: one torch thread each, inherited by the Flower processes a test starts,
+    # instead of every worker's processes spinning a thread per core on cores the other workers are using
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`: `--dist loadscope`, a module per unit, in this order), the modules with the
+    most end-to-end (`slow`) tests first, so that no long one starts last while the other workers sit idle."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    modules = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    order = sorted(modules.values(), key=lambda tests: -sum(1 for t in tests if t.get_closest_marker("slow")))
+    items[:] = [item for tests in order for item in tests]
 
 
 @pytest.fixture
@@ -12,28 +31,3 @@ def flower_task():
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield TaskIdentity
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-@pytest.fixture(scope="session")
-def full_run(tmp_path_factory):
-    """One real `fedclinic simulate --baselines --strict` with every step on: the rounds, the fine-tuning, the
-    attacks, compression, explanations, the membership audit with 300 canaries, then the pooled and silo baselines.
-    Shared by the tests of what it leaves: (the command's CompletedProcess, its run directory). Three sites, two
-    DP rounds; label-alpha=100 (near iid) and three local epochs, so two rounds learn; cheap attack and
-    explanation settings."""
-    import subprocess
-    import sys
-
-    from fedclinic.runtime.processes import of_flwr_home, stop_processes
-
-    out = tmp_path_factory.mktemp("full-run")
-    settings = ["data.test-size=300", "data.label-alpha=100", "training.local-epochs=3", "robustness.max-images=120",
-                "robustness.steps=3", "explain.max-images=40", "robustness.round-check-eps=0.0078",
-                "privacy.audit-canaries=300"]
-    try:
-        proc = subprocess.run([sys.executable, "-m", "fedclinic.cli", "simulate", "--sites", "3", "--rounds", "2",
-                               "--out", str(out), "--name", "e2e", "--baselines", "--strict", *[a for s in settings for a in ("--set", s)]],
-                              capture_output=True, text=True, timeout=900)
-        yield proc, out / "e2e"
-    finally:  # whatever the tests found, nothing of the run is left running
-        stop_processes(of_flwr_home(out / "e2e" / ".flwr"))

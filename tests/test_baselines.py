@@ -281,20 +281,3 @@ def test_running_the_baselines_imports_no_flower(tmp_path):
     run_dir = tmp_path / "alone"
     assert sorted(p.name for p in run_dir.iterdir()) == ["baselines.json", "config.toml", "report.html", "report.md"]
     assert "# fedclinic baselines `alone`" in (run_dir / "report.md").read_text()
-
-
-@pytest.mark.slow
-def test_simulate_with_baselines_starts_them_from_the_federations_round_0_model_on_its_test_set(full_run):
-    # Execute (fixture): a federation through Flower's simulation runtime, then its baselines in the CLI's process
-    proc, run = full_run
-    # Assert: the baselines' initial model scores on the server's test set what the ServerApp's round 0 scored
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((run / "results.json").read_text())
-    initial = json.loads((run / "baselines.json").read_text())["initial"]
-    round_0 = results["rounds"][0]
-    assert (initial["loss"], initial["accuracy"], initial["iou"]) == pytest.approx(
-        (round_0["loss"], round_0["accuracy"], round_0["iou"]), rel=1e-6)
-    assert set(results["baselines"]) == {"pooled", "silo"}
-    assert results["baselines"]["silo"]["sites"][0]["test"]["n"] == initial["n"] == 300
-    assert "pooled, DP-SGD" in proc.stdout and "silo, worst site" in proc.stdout
-    assert "## Federated vs pooled vs silo" in (run / "report.md").read_text()

@@ -1,9 +1,7 @@
 """The one-run canary audit: its canaries, the coins kept from the sites, the evidence it reads off an update, a
-broken DP-SGD flagged, the calibrated attack, and a real run's results."""
+broken DP-SGD flagged and the calibrated attack (in a real run: tests/test_full_run.py)."""
 
 import dataclasses
-import json
-import math
 
 import numpy as np
 import pytest
@@ -186,24 +184,3 @@ def test_calibration_finds_members_that_a_global_threshold_misses():
     scores = calibrated_scores(target, [reference])
     _, _, calibrated_auc = roc(-scores[:500], -scores[500:])
     assert raw_auc < 0.1 and calibrated_auc > 0.99
-
-
-@pytest.mark.slow
-def test_a_simulated_run_with_canaries_puts_the_audits_epsilon_beside_the_accountants(full_run):
-    proc, run_dir = full_run
-    assert proc.returncode == 0, proc.stderr[-3000:]  # --strict: no privacy bug flagged
-    results = json.loads((run_dir / "results.json").read_text())
-    audit = results["audit"]
-    assert audit["canaries"] == 300 and audit["confidence"] == 0.95
-    assert 0 <= audit["epsilon_lower_bound"] <= audit["epsilon"] and not audit["likely_privacy_bug"]
-    assert audit["epsilon"] == pytest.approx(max(s["epsilon"] for s in audit["sites"]))
-    for site, entry in zip(results["sites"], audit["sites"]):
-        assert site["epsilon_lower_bound"] == entry["epsilon_lower_bound"] <= entry["epsilon"] <= site["epsilon"]
-        assert entry["canaries"] > 0 and 0 < entry["included"] < entry["canaries"]
-    assert math.isfinite(audit["calibrated"]["auc"]) and audit["calibrated"]["attack"] == "offline LiRA"
-    kept = json.loads((run_dir / "canary_audit.json").read_text())["per_canary"]
-    assert len(kept["included"]) == len(kept["decoding"]) == len(kept["black_box"]) == 300
-    report = (run_dir / "report.md").read_text()
-    assert "**Canary audit**" in report and "| site | epsilon (this run) | epsilon (audited run) | epsilon-hat |" in report
-    assert "canary audit, 300 canaries: epsilon >= " in proc.stdout
-    assert "offline LiRA" in json.loads((run_dir / "audit.json").read_text())["calibrated"]["attack"]

@@ -1,6 +1,6 @@
-"""Personalisation after the federation (FL + fine-tuning): the plan, the ledger, the site, the handler, the run."""
+"""Personalisation after the federation (FL + fine-tuning): the plan, the ledger, the site, the handler (in a real
+run: tests/test_full_run.py)."""
 
-import json
 import math
 
 import pytest
@@ -249,33 +249,3 @@ def test_the_summary_compares_the_sites_that_fine_tuned_and_the_report_shows_it_
     assert "| 1 | 41 | 0.500 | declined | 0.500 | declined | 7.90 |" in report
     assert "| **worst** |  | 0.600 | 0.800 |" in report
     assert "- site 1 declines the fine-tuning: its epsilon would reach 8.4." in report
-
-
-# --- end to end, through Flower's simulation runtime ----------------------------------------------------------
-
-@pytest.mark.slow
-def test_a_simulated_run_personalises_every_site_and_reports_it(full_run, capsys):
-    # Execute (fixture): a real simulation, 3 sites, 2 rounds, fine-tuning on by default
-    from fedclinic.cli import main
-
-    proc, run = full_run
-    # Assert
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    found = json.loads((run / "results.json").read_text())["personalization"]
-    data = load_config(run / "config.toml").data
-    assert found["epochs"] == 1 and found["compared"] == 3
-    assert [s["site"] for s in found["sites"]] == [0, 1, 2]
-    for s in found["sites"]:
-        assert s["n"] == len(site_data(data, s["site"], 3)[1])  # the site's own validation split
-        assert not s["declined"] and 0 <= s["personalized"]["accuracy"] <= 1
-        # planned from round 1 for the rounds and the fine-tuning: the whole budget, never more
-        assert s["epsilon"] == pytest.approx(8.0, rel=0.01) and s["epsilon"] <= 8.0
-    assert set(found["global"]) == set(found["personalized"]) == {"mean", "worst", "best", "worst_site",
-                                                                  "best_site"}
-    assert main(["ledger", "show", str(run / "sites" / "site-1"), "--json"]) == 0
-    ledger = json.loads(capsys.readouterr().out)
-    assert [(r["round"], r["kind"]) for r in ledger["rounds"]] == [(1, "round"), (2, "round"), (3, "fine-tuning")]
-    report = (run / "report.md").read_text()
-    assert "## Personalised on each site's own data" in report and "| **worst** |" in report
-    assert found["guarantee"] in report and found["release"] in report
-    assert "personalised on own validation splits: mean accuracy" in proc.stdout

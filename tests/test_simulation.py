@@ -1,7 +1,6 @@
 """End to end: `fedclinic simulate` through Flower's real simulation runtime, as a user runs it."""
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -22,7 +21,7 @@ from fedclinic.cli import main as cli_main
 from fedclinic.privacy.ledger import Ledger
 from fedclinic.runtime.processes import command_of, of_flwr_home, stop_processes, with_env
 
-# the steps after training (attack, compress, explain) are tested on their own and in one run (full_run)
+# the steps after training (attack, compress, explain) are tested on their own and in one run (tests/test_full_run.py)
 NO_POST = ["--set", "robustness.enabled=false", "--set", "compression.enabled=false", "--set", "explain.enabled=false"]
 # one Ray actor trains the sites in turn (Flower's default is one per core): each actor imports torch and Opacus,
 # and these runs are not about sites in parallel
@@ -36,52 +35,6 @@ def simulate(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def processes_started_for(run_dir: Path) -> list[int]:
     """PIDs of live processes of this run's Flower runtime (its FLWR_HOME), Ray's included."""
     return sorted(of_flwr_home(run_dir / ".flwr"))
-
-
-@pytest.mark.slow
-def test_three_sites_two_rounds_write_a_run_whose_model_learns_and_epsilon_grows(full_run):
-    # Execute (fixture): 3 sites, 2 rounds, every step after training on
-    proc, run = full_run
-    # Assert
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((run / "results.json").read_text())
-    assert results["final"]["accuracy"] > 0.45  # three balanced classes: chance is 1/3
-    assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
-    assert len(results["sites"]) == 3 and all(s["rounds_trained"] == 2 for s in results["sites"])
-    with open(run / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["site"] != "central"]
-    for site in ("0", "1", "2"):
-        eps = {int(r["round"]): float(r["epsilon"]) for r in rows if r["site"] == site}
-        assert 0 < eps[1] < eps[2] <= 8.0 * 1.001  # cumulative, within the budget
-    assert 0 <= results["audit"]["auc"] <= 1 and results["audit"]["members"] == results["audit"]["nonmembers"] > 0
-    assert "membership inference (loss threshold)" in proc.stdout  # the audit, on by default
-    assert "Empirical audit" in (run / "report.md").read_text()
-    # after training: the model attacked, compressed and explained, in results.json, the report and the output
-    robustness = results["robustness"]
-    assert [a["eps"] for a in robustness["attacks"]] == [0.0039, 0.0078, 0.0157, 0.0314] and robustness["n"] == 120
-    assert robustness["clean_accuracy"] >= robustness["attacks"][0]["robust_accuracy"] >= robustness["robust_accuracy"]
-    assert all(r["fgsm_accuracy"] is not None for r in results["rounds"][1:])  # the per-round check
-    compression = results["compression"]
-    assert abs(compression["accuracy_change"]) <= 0.05
-    assert (run / "global_model.int8.onnx").stat().st_size < (run / "global_model.onnx").stat().st_size
-    assert compression["files"]["int8_path"] == "global_model.int8.onnx"
-    assert 0 <= results["explanations"]["integrated_gradients"]["mass_in_box"] <= 1
-    assert "under attack (PGD linf)" in proc.stdout and "int8 model:" in proc.stdout
-    report = (run / "report.md").read_text()
-    assert "## Under attack" in report and "## Compressed for deployment" in report and "## What the model looks at" in report
-    html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 5 and 'src="explanations.png"' not in html  # self-contained
-    for name in ("config.toml", "report.md", "central_metrics.png", "epsilon_per_site.png",
-                 "label_distribution.png", "site_samples.png", "audit.json", "audit_roc.png",
-                 "global_model.int8.onnx", "explanations.png"):
-        assert (run / name).stat().st_size > 0, name
-    model = fedclinic.load_model(run / "global_model.pt")
-    assert not model.training
-    assert "round" in proc.stdout and "rec eps" in proc.stdout  # the final table
-    # the ServerApp's last progress line says the run directory is complete, so the command asked no `flwr ls`
-    rows = [json.loads(line) for line in (run / "progress.jsonl").read_text().splitlines()]
-    assert [i for i, row in enumerate(rows) if "finished_run" in row] == [len(rows) - 1]
-    assert processes_started_for(run) == []
 
 
 @pytest.mark.parametrize("setting, words", [

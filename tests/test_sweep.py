@@ -259,29 +259,45 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_where_it_stopped(tmp_path
 # --- end to end ---------------------------------------------------------------
 
 @pytest.mark.slow
-def test_a_real_sweep_writes_its_table_and_plots_and_the_same_command_again_reruns_nothing(tmp_path, capsys):
-    command = ["sweep", "--epsilons", "3", *TINY, "--out", str(tmp_path), "--name", "tradeoff"]
+def test_a_real_sweep_and_poisoning_grid_writes_its_tables_and_plots_and_the_same_command_again_reruns_nothing(
+        tmp_path, capsys):
+    # Prepare: privacy off and at epsilon 3, each with site 1 of 2 running the backdoor from its real ClientApp
+    # against FedAvg with every update clipped to norm 0.05 (one sweep, so Flower's start-up is paid once a point)
+    command = ["sweep", "--epsilons", "3", "--attacks", "backdoor", "--defences", "clip-0.05", "--attackers", "1",
+               *TINY, "--out", str(tmp_path), "--name", "tradeoff"]
     sweep_dir = tmp_path / "tradeoff"
-    # Execute: the baseline and one private point through Flower's simulation runtime
+    labels = ["baseline-backdoor-clip-0.05", "eps-3-backdoor-clip-0.05"]
+    # Execute: both points through Flower's simulation runtime
     assert cli.main(command) == 0
     out = capsys.readouterr().out
-    # Assert
-    assert "[1/2] baseline: started" in out and "round 1/1" in out and "[2/2] eps-3: done" in out
+    # Assert: a row per point with its run's final metrics, the backdoor's success measured in every round
+    assert f"[1/2] {labels[0]}: started" in out and "round 1/1" in out and f"[2/2] {labels[1]}: done" in out
     rows = {r["point"]: r for r in csv_rows(sweep_dir / "sweep.csv")}
-    assert list(rows) == ["baseline", "eps-3"]
+    assert list(rows) == labels
     for label, row in rows.items():
-        final = json.loads((sweep_dir / label / "results.json").read_text())["final"]
+        results = json.loads((sweep_dir / label / "results.json").read_text())
+        final = results["final"]
         assert float(row["accuracy"]) == pytest.approx(final["accuracy"]) and 0 <= final["accuracy"] <= 1
         assert float(row["iou"]) == pytest.approx(final["iou"])
         assert float(row["wall_seconds"]) > 0 and row["run_dir"] == str(sweep_dir / label)
         assert 0 <= float(row["audit_auc"]) <= 1  # the membership-inference audit of each point
-        assert float(row["robust_accuracy"]) == pytest.approx(
-            json.loads((sweep_dir / label / "results.json").read_text())["robustness"]["robust_accuracy"])
-    assert rows["baseline"]["mode"] == "off" and rows["baseline"]["max_epsilon"] == ""
-    assert rows["eps-3"]["mode"] == "local" and float(rows["eps-3"]["target_epsilon"]) == 3.0
-    assert 0 < float(rows["eps-3"]["max_epsilon"]) <= 3.0 * 1.001
-    for name in ("accuracy_vs_epsilon.png", "iou_vs_epsilon.png"):
-        assert (sweep_dir / name).read_bytes().startswith(b"\x89PNG"), name
+        assert float(row["robust_accuracy"]) == pytest.approx(results["robustness"]["robust_accuracy"])
+        assert results["config"]["federation.attack"] == "backdoor" and results["config"]["federation.attackers"] == "1"
+        assert [r["round"] for r in results["rounds"]] == [0, 1]
+        assert all(0 <= r["backdoor_success_rate"] <= 1 for r in results["rounds"])
+        assert float(row["backdoor_success_rate"]) == pytest.approx(final["backdoor_success_rate"])
+        assert row["attack"] == "backdoor" and "Backdoor success rate" in (sweep_dir / label / "report.md").read_text()
+        assert results["config"]["federation.update-clip-norm"] == 0.05
+        norms = [float(r["update_norm"]) for r in csv_rows(sweep_dir / label / "metrics.csv") if r["site"] != "central"]
+        assert len(norms) == 2 and min(norms) > 0.05  # every update was over the norm, so every one was clipped
+    assert rows[labels[0]]["mode"] == "off" and rows[labels[0]]["max_epsilon"] == ""
+    assert rows[labels[1]]["mode"] == "local" and float(rows[labels[1]]["target_epsilon"]) == 3.0
+    assert 0 < float(rows[labels[1]]["max_epsilon"]) <= 3.0 * 1.001
+    assert (sweep_dir / "poisoning.png").read_bytes().startswith(b"\x89PNG")
+    assert not (sweep_dir / "accuracy_vs_epsilon.png").exists()  # the trade-off plots are of points nobody attacks
+    table = (sweep_dir / "poisoning.md").read_text().splitlines()
+    assert table[-2].startswith("| off | — | backdoor | ") and table[-1].startswith("| ε = 3 | ")
+    assert all(row.count(" / ") == 2 for row in table[-2:])  # accuracy / IoU / backdoor success
     # both points ran on one SuperLink, started once for the sweep
     assert (sweep_dir / "superlink.log").read_text().count("Starting Flower SuperLink") == 1
     assert (sweep_dir / "superlink.log").read_text().count("Created run") == 2
@@ -296,37 +312,6 @@ def test_a_real_sweep_writes_its_table_and_plots_and_the_same_command_again_reru
     assert out.count("reused") == 2 and "started" not in out
     assert {label: (sweep_dir / label / "results.json").stat().st_mtime_ns for label in rows} == finished
     # (which points a rerun runs again, a missing or partial one, is tested above on the same run_points)
-
-
-@pytest.mark.slow
-def test_a_real_poisoning_grid_runs_a_backdoor_against_each_defence_and_reports_its_success(tmp_path, capsys):
-    # Prepare: site 1 of 2 runs the backdoor from its real ClientApp; FedAvg, then FedAvg with updates clipped
-    command = ["sweep", "--attacks", "backdoor", "--defences", "fedavg,clip-0.05", "--attackers", "1", *TINY,
-               "--rounds", "2", "--set", "robustness.enabled=false", "--set", "privacy.audit=false",
-               "--out", str(tmp_path), "--name", "grid"]
-    sweep_dir = tmp_path / "grid"
-    # Execute
-    assert cli.main(command) == 0
-    capsys.readouterr()
-    # Assert: a row per defence, each with its run's final backdoor success rate, measured in every round
-    rows = {r["point"]: r for r in csv_rows(sweep_dir / "sweep.csv")}
-    assert list(rows) == ["baseline-backdoor-fedavg", "baseline-backdoor-clip-0.05"]
-    for label, row in rows.items():
-        results = json.loads((sweep_dir / label / "results.json").read_text())
-        assert results["config"]["federation.attack"] == "backdoor" and results["config"]["federation.attackers"] == "1"
-        assert [r["round"] for r in results["rounds"]] == [0, 1, 2]
-        assert all(0 <= r["backdoor_success_rate"] <= 1 for r in results["rounds"])
-        assert float(row["backdoor_success_rate"]) == pytest.approx(results["final"]["backdoor_success_rate"])
-        assert row["attack"] == "backdoor" and "Backdoor success rate" in (sweep_dir / label / "report.md").read_text()
-    clipped = json.loads((sweep_dir / "baseline-backdoor-clip-0.05" / "results.json").read_text())
-    assert clipped["config"]["federation.update-clip-norm"] == 0.05
-    norms = [float(r["update_norm"]) for r in csv_rows(sweep_dir / "baseline-backdoor-clip-0.05" / "metrics.csv")
-             if r["site"] != "central"]
-    assert len(norms) == 4 and min(norms) > 0.05  # every update was over the norm, so every one was clipped
-    table = (sweep_dir / "poisoning.md").read_text()
-    row = table.splitlines()[-1]
-    assert row.startswith("| off | — | backdoor | ") and row.count(" / ") == 4  # accuracy / IoU / success, twice
-    assert (sweep_dir / "poisoning.png").read_bytes().startswith(b"\x89PNG")
 
 
 # --- baselines ----------------------------------------------------------------
