@@ -47,18 +47,18 @@ def rounds_seen(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_the_demo_runs_three_supernodes_with_tls_and_authentication_and_stops_them(tmp_path):
-    # Execute: what `make deploy-demo` runs, smaller
-    proc = cli("demo", "--rounds", "1", "--out", str(tmp_path), "--name", "demo", *sets(TINY))
+def test_the_demo_runs_a_supernode_per_site_with_tls_and_authentication_and_stops_them(tmp_path):
+    # Execute: what `make deploy-demo` runs (3 sites), smaller
+    proc = cli("demo", "--sites", "2", "--rounds", "1", "--out", str(tmp_path), "--name", "demo", *sets(TINY))
     # Assert: the same table as simulate, every site trained every round from its own file
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "TLS + SuperNode authentication" in proc.stdout and "rec eps" in proc.stdout
     run = tmp_path / "demo"
     results = json.loads((run / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [0, 1]
-    assert [r["sites_trained"] for r in results["rounds"][1:]] == [3]
+    assert [r["sites_trained"] for r in results["rounds"][1:]] == [2]
     sites = run / "deployment" / "sites"
-    for k in range(3):
+    for k in range(2):
         ledger = Ledger.open(sites / f"site-{k}" / "state", site=k)  # in the site's own state dir
         # the round, then the fine-tuning after it (personalize.epochs), charged to the same ledger
         assert [(e.round, e.kind) for e in ledger.entries] == [(1, "round"), (2, "fine-tuning")]
@@ -70,8 +70,8 @@ def test_the_demo_runs_three_supernodes_with_tls_and_authentication_and_stops_th
     # secure by default: the commands it ran use TLS and SuperNode authentication, never --insecure
     commands = (run / "deployment" / "commands.txt").read_text()
     assert "--insecure" not in commands
-    assert "--enable-supernode-auth" in commands and commands.count("flwr supernode register") == 3
-    assert commands.count("--auth-supernode-private-key") == 3 and commands.count("--root-certificates") == 3
+    assert "--enable-supernode-auth" in commands and commands.count("flwr supernode register") == 2
+    assert commands.count("--auth-supernode-private-key") == 2 and commands.count("--root-certificates") == 2
     # nothing of the deployment is left running
     assert with_env(f"FLWR_HOME={run / 'deployment' / 'flwr-home'}") == set()
 

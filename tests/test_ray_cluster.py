@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.runtime.processes import command_of, descendants, free_port, stop_processes, with_env
+from fedclinic.runtime.processes import command_of, descendants, free_port, kill_processes, with_env
 
 TINY = ["data.site-size=150", "data.test-size=60", "training.batch-size=32", "robustness.enabled=false",
-        "compression.enabled=false", "explain.enabled=false", "privacy.audit=false"]
+        "compression.enabled=false", "explain.enabled=false", "privacy.audit=false",
+        "federation.client-cpus=2"]  # one actor on the head's 2 CPUs
 
 
 @pytest.fixture
@@ -34,8 +35,8 @@ def ray_head():
         assert started.returncode == 0, started.stdout + started.stderr
         yield {"address": f"127.0.0.1:{port}", "temp": temp, "pids": with_env(marker)}
     finally:
-        head = with_env(marker)
-        stop_processes(head | {child for pid in head for child in descendants(pid)}, grace=10)
+        head = with_env(marker)  # killed, as `ray stop --force` does: nothing of it is kept
+        kill_processes(head | {child for pid in head for child in descendants(pid)})
         shutil.rmtree(temp, ignore_errors=True)
 
 

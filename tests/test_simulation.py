@@ -146,7 +146,7 @@ def budget_run(tmp_path_factory) -> BudgetRun:
     scans = write_scans(tmp / "scans.npz")
     common = ["--data", str(scans), "--sites", "3", "--rounds", "3", "--set", "data.partitioner=iid",
               "--set", "training.batch-size=64", "--set", "privacy.mode=both", "--set", "privacy.noise-multiplier=1.5",
-              "--set", "federation.min-sites=1", *NO_POST]
+              "--set", "federation.min-sites=1", "--set", "federation.client-cpus=2", *NO_POST]
     eps = budget_plan(*common)[1]["epsilon_by_round"]
     budget = round((eps[0] + eps[1]) / 2, 3)
     common += ["--set", f'privacy.site-budgets="1={budget}"']

@@ -16,6 +16,8 @@ from fedclinic.sweep import (COLUMNS, build_points, format_points, parse_grid, p
 
 TINY = ["--sites", "2", "--rounds", "1", "--set", "data.site-size=160", "--set", "data.test-size=100",
         "--set", "training.batch-size=32", "--set", "training.local-epochs=1",
+        # one Ray actor trains both sites in turn: each actor imports torch and Opacus
+        "--set", "federation.client-cpus=2",
         # a cheap attack fills the robust_accuracy column; compressing and explaining are tested elsewhere
         "--set", "robustness.steps=2", "--set", "robustness.max-images=50",
         "--set", "compression.enabled=false", "--set", "explain.enabled=false"]

@@ -1,1 +1,3 @@
-"""What a Flower Deployment Engine federation needs on disk: TLS certificates and SuperNode keys."""
+"""Flower's runtime, started and stopped for fedclinic: its processes (processes.py), the SuperLink connection and a
+run's progress (runs.py), the simulation runtime (simulation.py), a local deployment (local.py) and its TLS
+certificates and SuperNode keys (certs.py)."""
