@@ -17,10 +17,10 @@ from fedclinic.runtime.processes import of_flwr_home, stop_processes
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    """The run, shared by this module's tests: (the command's CompletedProcess, its run directory). Three sites,
-    two DP rounds on 300 images each, the fine-tuning, the attacks, compression, explanations, the membership audit with 300
-    canaries, then the pooled and silo baselines; label-alpha=100 (near iid) and three local epochs, so two
-    rounds learn; cheap attack and explanation settings."""
+    """The run, shared by this module's tests: (the command's CompletedProcess, its run directory). Three sites
+    of 300 images, two DP rounds, the fine-tuning, the attacks, compression, explanations, the membership audit
+    with 300 canaries, then the pooled and silo baselines; label-alpha=100 (near iid) and three local epochs, so
+    two rounds learn; cheap attack and explanation settings."""
     out = tmp_path_factory.mktemp("full-run")
     settings = ["data.site-size=300", "data.test-size=300", "data.label-alpha=100", "training.local-epochs=3",
                 "robustness.max-images=120", "robustness.steps=3", "explain.max-images=40",
