@@ -224,13 +224,18 @@ class KilledServer:
         self.watcher.start()
 
     def watch(self) -> None:
-        deadline = time.monotonic() + 300
-        while not self.when() and time.monotonic() < deadline and self.proc.poll() is None:
+        # the server process is found while it starts, so that the kill follows `when()` within one poll: looked
+        # for only after it, on a busy machine the run had sometimes ended first
+        deadline, server = time.monotonic() + 300, []
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if not server:
+                found = [pid for pid in with_env(self.marker) if "flwr-simulation" in command_of(pid)]
+                server = found if len(found) == 1 else []
+            if server and self.when():
+                os.kill(server[0], signal.SIGKILL)
+                self.killed.append(server[0])
+                return
             time.sleep(0.2)
-        server = [pid for pid in with_env(self.marker) if "flwr-simulation" in command_of(pid)]
-        if self.when() and len(server) == 1:
-            os.kill(server[0], signal.SIGKILL)
-            self.killed.append(server[0])
 
     def finish(self) -> tuple[int, str]:
         self.watcher.join(timeout=320)
