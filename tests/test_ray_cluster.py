@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.runtime.processes import command_of, descendants, free_port, kill_processes, with_env
+from fedclinic.runtime.processes import command_of, free_port, kill_processes, with_env
 
 TINY = ["data.site-size=150", "data.test-size=60", "training.batch-size=32", "robustness.enabled=false",
         "compression.enabled=false", "explain.enabled=false", "privacy.audit=false",
@@ -35,8 +35,7 @@ def ray_head():
         assert started.returncode == 0, started.stdout + started.stderr
         yield {"address": f"127.0.0.1:{port}", "temp": temp, "pids": with_env(marker)}
     finally:
-        head = with_env(marker)  # killed, as `ray stop --force` does: nothing of it is kept
-        kill_processes(head | {child for pid in head for child in descendants(pid)})
+        kill_processes(with_env(marker))  # with every process under it: nothing of it is kept
         shutil.rmtree(temp, ignore_errors=True)
 
 

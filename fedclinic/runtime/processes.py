@@ -66,9 +66,10 @@ def _processes() -> dict[int, int]:
     return parents
 
 
-def descendants(root: int) -> set[int]:
+def descendants(*roots: int) -> set[int]:
+    """Every live process under `roots` (children, theirs, ...), the roots themselves not included."""
     parents = _processes()
-    found, frontier = set(), {root}
+    found, frontier = set(), set(roots)
     while frontier:
         frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
         found |= frontier
@@ -139,9 +140,11 @@ def stop_processes(pids: set[int], *, grace: float = 10.0) -> None:
 
 
 def kill_processes(pids: set[int]) -> None:
-    """SIGKILL `pids` (a whole process tree, taken before any of it dies) and wait until they are gone."""
-    _signal_all(pids, signal.SIGKILL)
-    _wait_gone(pids, 5.0)
+    """SIGKILL `pids` and every process under them (the tree is taken before any of it dies, as `ray stop --force`
+    does), and wait until they are gone."""
+    tree = set(pids) | descendants(*pids)
+    _signal_all(tree, signal.SIGKILL)
+    _wait_gone(tree, 5.0)
 
 
 class Daemon:
@@ -189,10 +192,8 @@ class Daemon:
     def kill(self) -> None:
         """SIGKILL at once, without its children's cleanup: what a crash or a pulled plug looks like."""
         if self.process is not None:
-            tree = descendants(self.process.pid)
-            self.process.kill()
+            kill_processes({self.process.pid})
             self.process.wait(timeout=10)
-            kill_processes(tree)
             self.process = None
 
     def stop(self) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from fedclinic.config import Config
-from fedclinic.runtime.processes import (Daemon, FlowerError, command_of, descendants, free_port, kill_processes,
-                                         stop_all, stop_processes, with_env)
+from fedclinic.runtime.processes import (Daemon, FlowerError, command_of, free_port, kill_processes, stop_all,
+                                         stop_processes, with_env)
 from fedclinic.runtime.runs import Connection, follow, submit
 
 
@@ -77,7 +77,8 @@ class LocalSuperLink:
         self.wait()  # one request when it answers already
         if self.finished:
             discard_finished_run(self.connection.flwr_home)
-        previous_servers_gone(self.connection.flwr_home)
+        else:
+            previous_servers_gone(self.connection.flwr_home)
         self.finished = False
         return self
 
@@ -109,8 +110,7 @@ def discard_finished_run(flwr_home: Path) -> None:
     waiting out their teardown (joining threads, ray.shutdown, every process exiting with torch loaded: 3 to 4 s of
     both cores on the development machine). Only once the run directory is written: every site's ledger was
     written before its reply. A Ray cluster the run joined is no child of the ServerApp process and is left alone."""
-    servers = server_processes(flwr_home)
-    kill_processes(servers.union(*(descendants(pid) for pid in servers)))
+    kill_processes(server_processes(flwr_home))
 
 
 class ServerWatch:
