@@ -47,61 +47,97 @@ def run(config: Config, *, baselines: bool = False, say: Say | None = None,
     the baselines, which run in this process. With `baselines` the pooled and silo
     baselines are trained after the federation, in this process. Resumes
     from the checkpoint when `config.output.resume` is set. `link`: a simulation SuperLink already up
-    (fedclinic.runtime.simulation.LocalSuperLink) to submit the run to, as a sweep shares one among its points.
+    (fedclinic.runtime.simulation.LocalSuperLink) to submit the run to.
     """
-    from fedclinic.data import site_data
+    return run_many([config], baselines=baselines, say=say, on_progress=on_progress, on_step=on_step, link=link)[0]
+
+
+def run_many(configs: list[Config], *, baselines: bool = False, say: Say | None = None,
+             on_progress: Callable[[dict], None] | None = None, on_step: Step | None = None,
+             link: "LocalSuperLink | None" = None,
+             on_result: Callable[[int, Results], None] | None = None) -> list[Results]:
+    """`run` for several federations of the same sites (a sweep's points), one after another in one Flower run:
+    one ServerApp process, one Ray and one import of the sites' code for all of them, where separate runs pay
+    Flower's start-up each. Every configuration is checked before anything starts. `on_result(i, results)`
+    follows each run's steps in this process (the audit, the baselines), while the next run trains.
+    """
     from fedclinic.report import run_directory, with_wall_time
     from fedclinic.runtime import simulation
 
     say = say or _quiet
-    config = pinned(config)
-    sizes = check_data(config)
-    path = Path(config.output.dir, config.output.name).absolute()
-    made = next((p for p in reversed((path, *path.parents)) if not p.exists()), None)  # the first folder to make
-    run_dir = run_directory(config)
-    fed = config.federation
+    configs = [pinned(config) for config in configs]
+    sizes = [check_data(config) for config in configs]
+    paths = [Path(config.output.dir, config.output.name).absolute() for config in configs]
+    # the first folder each run would make: a refused run leaves none of them behind
+    made = [next((p for p in reversed((path, *path.parents)) if not p.exists()), None) for path in paths]
+    run_dirs = [run_directory(config) for config in configs]
     own = link is None
     if own:  # Flower's SuperLink starts (about 2 s) while the budget check imports Opacus (about 1.6 s)
-        link = simulation.LocalSuperLink(run_dir).start()
+        link = simulation.LocalSuperLink(run_dirs[0]).start()
     try:
-        check_budget(config, min(sizes))
+        for config, site_sizes in zip(configs, sizes):
+            check_budget(config, min(site_sizes))
     except BaseException:
         if own:
             link.stop()
-        if made is not None:  # refused before anything ran: no folder it made is left behind
-            shutil.rmtree(made, ignore_errors=True)
+        for folder in made:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
         raise
 
-    def plot_sites() -> None:
-        """What the sites hold: in simulation only, the server never sees site data in deployment."""
-        from fedclinic.report.plots import plot_label_distribution, plot_site_samples
+    results: list[Results] = []
+    started = [time.time()]
 
-        sites = [site_data(config.data, k, fed.sites)[0] for k in range(fed.sites)]
-        plot_label_distribution(sites, run_dir / "label_distribution.png")
-        plot_site_samples(sites, run_dir / "site_samples.png")
+    def finish(i: int) -> None:
+        """Run i has written its run directory: its wall time, then its steps in this process."""
+        config, run_dir = configs[i], run_dirs[i]
+        found = with_wall_time(run_dir, time.time() - started[-1])
+        started.append(time.time())
+        if config.privacy.audit:
+            if config.privacy.audit_canaries:
+                say(f"  canary audit: the federation trained once more in this process, with "
+                    f"{config.privacy.audit_canaries} canaries, to bound epsilon from below ...")
+            say("  membership-inference audit of the final model ...")
+            found = audit_into_run(run_dir, on_step=on_step)
+        if baselines:
+            say("  pooled and silo baselines, in this process ...")
+            found = baselines_into_run(run_dir, config, say, on_step=on_step)
+        results.append(Results.from_dict(found, run_dir=run_dir))  # what the last step wrote to results.json
+        if on_result is not None:
+            on_result(i, results[-1])
 
     say("  starting Flower's simulation runtime ...")
-    started = time.time()
     # the plots of the sites' data are drawn in a thread while Flower starts, when this process has nothing to do
     try:
         with ThreadPoolExecutor(max_workers=1) as plotter:
-            plotted = plotter.submit(plot_sites)
-            simulation.run(config, run_dir, on_progress=on_progress, link=link)
+            plotted = plotter.submit(plot_sites, configs, run_dirs)
+            simulation.run(configs[0], run_dirs[0], on_progress=on_progress, link=link,
+                           later=list(zip(configs[1:], run_dirs[1:])), on_written=finish)
             plotted.result()
     finally:
         if own:
             link.stop()
-    results = with_wall_time(run_dir, time.time() - started)
-    if config.privacy.audit:
-        if config.privacy.audit_canaries:
-            say(f"  canary audit: the federation trained once more in this process, with "
-                f"{config.privacy.audit_canaries} canaries, to bound epsilon from below ...")
-        say("  membership-inference audit of the final model ...")
-        results = audit_into_run(run_dir, on_step=on_step)
-    if baselines:
-        say("  pooled and silo baselines, in this process ...")
-        results = baselines_into_run(run_dir, config, say, on_step=on_step)
-    return Results.from_dict(results, run_dir=run_dir)  # what the last step wrote to results.json
+    return results
+
+
+def plot_sites(configs: list[Config], run_dirs: list[Path]) -> None:
+    """What the sites hold, into each run directory (in simulation only: the server never sees site data in
+    deployment); runs of the same sites get copies of the same plots."""
+    from fedclinic.data import site_data
+    from fedclinic.report.plots import plot_label_distribution, plot_site_samples
+
+    drawn: dict[tuple, Path] = {}
+    for config, run_dir in zip(configs, run_dirs):
+        key = (config.data, config.federation.sites)
+        names = ("label_distribution.png", "site_samples.png")
+        if key in drawn:
+            for name in names:
+                shutil.copy2(drawn[key] / name, run_dir / name)
+            continue
+        sites = [site_data(config.data, k, config.federation.sites)[0] for k in range(config.federation.sites)]
+        plot_label_distribution(sites, run_dir / names[0])
+        plot_site_samples(sites, run_dir / names[1])
+        drawn[key] = run_dir
 
 
 def check_config(config: Config) -> None:

@@ -240,40 +240,53 @@ def describe(row: dict) -> str:
             f"{_cell(row['wall_seconds'], '.0f')} s{baselines}")
 
 
-def run_points(points: list[Point], *, run_point: Callable[[Config], dict], say: Callable[[str], None],
-               add_baselines: Callable[[Point], dict] | None = None,
+def run_points(points: list[Point], *, run_all: Callable[[list[Config], Callable[[int, dict], None]], None],
+               say: Callable[[str], None], add_baselines: Callable[[Point], dict] | None = None,
                on_done: Callable[[int, int], None] = lambda done, total: None) -> list[dict]:
-    """Run (or reuse) every point in order; `run_point(config)` runs one simulation and returns its results.
+    """Reuse every finished point and run the others: `run_all(configs, on_result)` simulates those configurations
+    one after another (fedclinic.run_many: one Flower run for all) and calls `on_result(i, results)` as the i-th
+    is complete. Returns a row per point, in order.
 
     With `add_baselines`, a point whose results have no baselines yet gets them: `add_baselines(point)` trains
     them into its run directory and returns its results with them. `on_done(done, total)` follows each point.
     """
-    rows = []
+    rows: dict[int, dict] = {}
+    pending: list[tuple[int, Point]] = []
+    head = lambda i: f"[{i}/{len(points)}] {points[i - 1].label}"  # noqa: E731
     for i, point in enumerate(points, 1):
-        head = f"[{i}/{len(points)}] {point.label}"
-        if reusable(point):
-            results = json.loads((point.run_dir / "results.json").read_text())
-            if add_baselines and "baselines" not in results:
-                say(f"{head}: reusing the finished run in {point.run_dir}; training its baselines")
-                results = add_baselines(point)
-            rows.append(point_row(point, results))
-            say(f"{head}: reused the finished run in {point.run_dir}: {describe(rows[-1])}")
-            on_done(i, len(points))
+        if not reusable(point):
+            if point.run_dir.exists():
+                say(f"{head(i)}: {point.run_dir} holds an unfinished or differently configured run; starting it afresh")
+                shutil.rmtree(point.run_dir)
+            pending.append((i, point))
             continue
-        if point.run_dir.exists():
-            say(f"{head}: {point.run_dir} holds an unfinished or differently configured run; starting it afresh")
-            shutil.rmtree(point.run_dir)
-        say(f"{head}: started: {setting(point)}")
-        try:
-            results = run_point(point.config)
-        except SimulationError as err:
-            raise SimulationError(f"sweep point {point.label}: {err}") from None
+        results = json.loads((point.run_dir / "results.json").read_text())
+        if add_baselines and "baselines" not in results:
+            say(f"{head(i)}: reusing the finished run in {point.run_dir}; training its baselines")
+            results = add_baselines(point)
+        rows[i] = point_row(point, results)
+        say(f"{head(i)}: reused the finished run in {point.run_dir}: {describe(rows[i])}")
+        on_done(len(rows), len(points))
+    if not pending:
+        return [rows[i] for i in sorted(rows)]
+
+    def done(k: int, results: dict) -> None:
+        i, point = pending[k]
         if add_baselines:
             results = add_baselines(point)
-        rows.append(point_row(point, results))
-        say(f"{head}: done: {describe(rows[-1])}")
-        on_done(i, len(points))
-    return rows
+        rows[i] = point_row(point, results)
+        say(f"{head(i)}: done: {describe(rows[i])}")
+        on_done(len(rows), len(points))
+        if k + 1 < len(pending):
+            say(f"{head(pending[k + 1][0])}: started: {setting(pending[k + 1][1])}")
+
+    say(f"{head(pending[0][0])}: started: {setting(pending[0][1])}")
+    try:
+        run_all([point.config for _, point in pending], done)
+    except SimulationError as err:
+        failed = next(point for i, point in pending if i not in rows)
+        raise SimulationError(f"sweep point {failed.label}: {err}") from None
+    return [rows[i] for i in sorted(rows)]
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -5,7 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from fedclinic.config import Config, ConfigError, DEFAULTS, check_sites, from_run_config, load_config
+import json
+
+from fedclinic.config import (Config, ConfigError, DEFAULTS, check_sites, differing_keys, from_run_config, load_config,
+                              replace, sweep_runs)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +56,29 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
 def test_flower_run_config_gives_the_same_config():
     config = load_config(None, ["federation.sites=3"])
     assert from_run_config({**config.to_flat(), "unrelated-flower-key": 1}) == config
+
+
+def test_a_sweeps_later_points_travel_as_the_keys_they_change_and_come_back_whole():
+    # Prepare: the first point without privacy, then two DP points as a sweep's run config carries them
+    first = load_config(None, ["federation.sites=3", "privacy.mode=off", "output.name=baseline"])
+    later = [replace(first, privacy={"mode": "local", "target_epsilon": eps}, output={"name": f"eps-{eps:g}"})
+             for eps in (1.0, 3.0)]
+    submitted = replace(first, output={"next_points": json.dumps([differing_keys(first, c) for c in later])})
+    # Execute: what the ServerApp reads back from Flower's run config
+    runs = sweep_runs(from_run_config(submitted.to_flat()))
+    # Assert: every point whole, in order; a site of a later point is sent only what differs
+    assert [config for config, _ in runs] == [first, *later]
+    assert runs[0][1] == "" and json.loads(runs[1][1]) == {"privacy.mode": "local", "privacy.target-epsilon": 1.0,
+                                                           "output.name": "eps-1"}
+
+
+@pytest.mark.parametrize("points, words", [("[{", "output.next-points is not a JSON list"),
+                                           ('{"privacy.mode": "off"}', "a JSON list of objects"),
+                                           ('[{"privacy.epsilon": 3}]', "privacy.epsilon")])
+def test_a_malformed_list_of_sweep_points_is_refused_in_one_sentence(points, words):
+    config = load_config(None, [f"output.next-points={json.dumps(points)}"])
+    with pytest.raises(ConfigError, match=words):
+        sweep_runs(config)
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,14 @@ def fake_run(config) -> dict:
     return results
 
 
+def fake_run_all(configs, on_result, ran=None) -> None:
+    """run_points' `run_all`: each configuration in turn, as one Flower run does them; `ran` records the names."""
+    for i, config in enumerate(configs):
+        if ran is not None:
+            ran.append(config.output.name)
+        on_result(i, fake_run(config))
+
+
 def csv_rows(path: Path) -> list[dict]:
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -212,13 +220,9 @@ def test_a_finished_point_is_reused_a_partial_one_rerun_afresh_and_a_changed_one
     (eps1.run_dir / "flower.log").write_text("interrupted")
     fake_run(replace(eps3.config, federation={"rounds": 9}))
     ran, lines = [], []
-
-    def recorded_run(config):
-        ran.append(config.output.name)
-        return fake_run(config)
-
     # Execute
-    rows = run_points([baseline, eps1, eps3], run_point=recorded_run, say=lines.append)
+    rows = run_points([baseline, eps1, eps3], run_all=lambda configs, on_result: fake_run_all(configs, on_result, ran),
+                      say=lines.append)
     # Assert
     assert ran == ["eps-1", "eps-3"]
     assert not (eps1.run_dir / "flower.log").exists()  # the partial directory was removed, not patched
@@ -230,21 +234,22 @@ def test_a_finished_point_is_reused_a_partial_one_rerun_afresh_and_a_changed_one
 
 
 def test_ctrl_c_exits_130_and_the_same_command_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
-    # Prepare: the second simulation is interrupted
+    # Prepare: the sweep's one Flower run is interrupted while its second point trains
     calls = []
 
-    def interrupted_second(config, say, link):
-        calls.append(config.output.name)
-        if config.output.name == "eps-2":
-            raise KeyboardInterrupt
-        return fake_run(config)
+    def interrupted_second(configs, say, link, on_result):
+        for i, config in enumerate(configs):
+            calls.append(config.output.name)
+            if config.output.name == "eps-2":
+                raise KeyboardInterrupt
+            on_result(i, fake_run(config))
 
-    monkeypatch.setattr(cli_run, "run_once", interrupted_second)
+    monkeypatch.setattr(cli_run, "run_all", interrupted_second)
     command = ["sweep", "--epsilons", "2,4", "--out", str(tmp_path), "--quiet"]  # no --name: derived from the options
     # Execute
     first = cli.main(command)
     err = capsys.readouterr().err
-    monkeypatch.setattr(cli_run, "run_once", lambda config, say, link: calls.append(config.output.name) or fake_run(config))
+    monkeypatch.setattr(cli_run, "run_all", lambda configs, say, link, on_result: fake_run_all(configs, on_result, calls))
     second = cli.main(command)
     out = capsys.readouterr().out
     # Assert
@@ -264,7 +269,7 @@ def test_ctrl_c_exits_130_and_the_same_command_resumes_where_it_stopped(tmp_path
 def test_a_real_sweep_and_poisoning_grid_writes_its_tables_and_plots_and_the_same_command_again_reruns_nothing(
         tmp_path, capsys):
     # Prepare: privacy off and at epsilon 3, each with site 1 of 2 running the backdoor from its real ClientApp
-    # against FedAvg with every update clipped to norm 0.05 (one sweep, so Flower's start-up is paid once a point)
+    # against FedAvg with every update clipped to norm 0.05 (one sweep, so Flower's start-up is paid once)
     command = ["sweep", "--epsilons", "3", "--attacks", "backdoor", "--defences", "clip-0.05", "--attackers", "1",
                *TINY, "--out", str(tmp_path), "--name", "tradeoff"]
     sweep_dir = tmp_path / "tradeoff"
@@ -300,9 +305,9 @@ def test_a_real_sweep_and_poisoning_grid_writes_its_tables_and_plots_and_the_sam
     table = (sweep_dir / "poisoning.md").read_text().splitlines()
     assert table[-2].startswith("| off | — | backdoor | ") and table[-1].startswith("| ε = 3 | ")
     assert all(row.count(" / ") == 2 for row in table[-2:])  # accuracy / IoU / backdoor success
-    # both points ran on one SuperLink, started once for the sweep
+    # both points ran in one Flower run, on one SuperLink started once for the sweep
     assert (sweep_dir / "superlink.log").read_text().count("Starting Flower SuperLink") == 1
-    assert (sweep_dir / "superlink.log").read_text().count("Created run") == 2
+    assert (sweep_dir / "superlink.log").read_text().count("Created run") == 1
     assert not any((sweep_dir / label / "superlink.log").exists() for label in rows)
 
     # Execute: the same command again reruns nothing
@@ -359,8 +364,8 @@ def test_with_baselines_every_point_gets_them_once_also_a_reused_one(tmp_path):
         return results
 
     # Execute: twice
-    rows = run_points([baseline, eps], run_point=fake_run, say=lambda line: None, add_baselines=add_baselines)
-    again = run_points([baseline, eps], run_point=fake_run, say=lambda line: None, add_baselines=add_baselines)
+    rows = run_points([baseline, eps], run_all=fake_run_all, say=lambda line: None, add_baselines=add_baselines)
+    again = run_points([baseline, eps], run_all=fake_run_all, say=lambda line: None, add_baselines=add_baselines)
     # Assert
     assert added == ["baseline", "eps-3"]
     assert [r["silo_accuracy"] for r in rows] == [r["silo_accuracy"] for r in again] == [0.5, 0.5]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 from fedclinic import api
 from fedclinic.api import baselines_into_run, check_config, check_data
@@ -33,12 +34,19 @@ def simulate_parser(sub) -> None:
                         "bug: an epsilon lower bound above the accountant's epsilon")
 
 
-def run_once(config: Config, say: Progress, *, baselines: bool = False, link=None) -> dict:
-    """fedclinic.run of `config` (on `link`, a SuperLink already up, if given), its lines and bars shown by `say`;
-    returns its results.json."""
+def run_once(config: Config, say: Progress, *, baselines: bool = False) -> dict:
+    """fedclinic.run of `config`, its lines and bars shown by `say`; returns its results.json."""
     rounds = config.federation.rounds
     return api.run(config, baselines=baselines, say=say, on_progress=lambda row: show_row(say, row, rounds),
-                   on_step=say.step, link=link).to_dict()
+                   on_step=say.step).to_dict()
+
+
+def run_all(configs: list[Config], say: Progress, link, on_result: Callable[[int, dict], None]) -> None:
+    """fedclinic.run_many of a sweep's `configs` on `link`, its lines and bars shown by `say`; `on_result(i,
+    results.json)` as each is complete."""
+    rounds = configs[0].federation.rounds
+    api.run_many(configs, say=say, on_progress=lambda row: show_row(say, row, rounds), on_step=say.step, link=link,
+                 on_result=lambda i, results: on_result(i, results.to_dict()))
 
 
 def personalization_line(results: dict) -> str:
@@ -180,13 +188,12 @@ def sweep(args: argparse.Namespace) -> int:
                                                       non_private=point.config.privacy.mode == "off")
                      ) if args.baselines else None
     say.step("sweep points", 0, len(points))
-    # one SuperLink for every point, started with the first point that runs: each point's run then starts
-    # only its own ServerApp process and Ray
+    # the points still to run are one Flower run: one SuperLink, one ServerApp process and one Ray for all
     link = LocalSuperLink(sweep_dir)
     try:
         try:
-            rows = run_points(points, run_point=lambda config: run_once(config, say, link=link), say=say,
-                              add_baselines=add_baselines,
+            rows = run_points(points, run_all=lambda configs, on_result: run_all(configs, say, link, on_result),
+                              say=say, add_baselines=add_baselines,
                               on_done=lambda done, total: say.step("sweep points", done, total))
         finally:
             link.stop()

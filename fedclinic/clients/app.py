@@ -5,13 +5,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedclinic.config import ConfigError, from_run_config
+from fedclinic.config import Config, ConfigError, from_run_config, with_keys
 
 if TYPE_CHECKING:
     from fedclinic.clients.site import Site
@@ -56,11 +57,19 @@ def _site(msg: Message, context: Context) -> Site:
     )
 
 
+def _config(msg: Message, context: Context) -> Config:
+    """The run's configuration; a sweep's later point (one Flower run holds all of a sweep's points) sends the keys
+    in which it differs as "point"."""
+    config = from_run_config(context.run_config)
+    point = str(msg.content["config"].get("point", ""))
+    return with_keys(config, json.loads(point)) if point else config
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from fedclinic.clients.site import train_round
 
-    config = from_run_config(context.run_config)
+    config = _config(msg, context)
     state_dict = msg.content["arrays"].to_torch_state_dict()
     server_round = int(msg.content["config"]["server-round"])
     # Flower's FedProx sends its mu with every round; the other strategies send none
@@ -81,7 +90,7 @@ def _reply(msg: Message, content: RecordDict, declined: str) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     from fedclinic.clients.site import evaluate_round
 
-    config = from_run_config(context.run_config)
+    config = _config(msg, context)
     metrics = evaluate_round(config, _site(msg, context), msg.content["arrays"].to_torch_state_dict())
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -91,7 +100,7 @@ def personalize(msg: Message, context: Context) -> Message:
     """After the last round: fine-tune the global model here; only the validation scores go back, never the model."""
     from fedclinic.clients.personalize import personalize_site
 
-    config = from_run_config(context.run_config)
+    config = _config(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     metrics, declined = personalize_site(config, _site(msg, context), msg.content["arrays"].to_torch_state_dict(),
                                          server_round=server_round)

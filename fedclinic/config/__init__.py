@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -177,6 +178,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), *, de
 def from_run_config(run_config: Mapping[str, Any]) -> Config:
     """The Config of a Flower run (`context.run_config`): only known keys are read."""
     return Config.from_flat({k: v for k, v in run_config.items() if k in VALID_KEYS})
+
+
+def differing_keys(base: Config, config: Config) -> dict[str, Any]:
+    """The flat keys in which `config` differs from `base`: what a sweep's later point sends its sites."""
+    before = base.to_flat()
+    return {key: value for key, value in config.to_flat().items() if before[key] != value}
+
+
+def with_keys(config: Config, keys: Mapping[str, Any]) -> Config:
+    """`config` with some flat keys changed ({"privacy.mode": "off"}); unknown keys and wrong types are refused."""
+    return Config.from_flat({**config.to_flat(), **keys})
+
+
+def sweep_runs(config: Config) -> list[tuple[Config, str]]:
+    """The runs one Flower run holds: `config` itself, then the later points of output.next-points; each with the
+    keys its sites are sent (JSON; "" for the first, whose keys are the run config's)."""
+    first = replace(config, output={"next_points": ""})
+    try:
+        later = json.loads(config.output.next_points) if config.output.next_points else []
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"output.next-points is not a JSON list of points: {err}") from None
+    _require(isinstance(later, list) and all(isinstance(keys, dict) for keys in later),
+             "output.next-points must be a JSON list of objects, one per point")
+    return [(first, "")] + [(with_keys(first, keys), json.dumps(keys)) for keys in later]
 
 
 def check_sites(config: Config, site_sizes: list[int]) -> None:

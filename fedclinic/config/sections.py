@@ -326,3 +326,6 @@ class OutputConfig:
     quiet: bool = False
     # continue the run in output.dir/output.name from its checkpoint.pt (set by --resume RUN_DIR)
     resume: bool = False
+    # a sweep's later points, run one after another in this same Flower run (set by fedclinic sweep): JSON, a list
+    # of the keys in which each point differs from this run
+    next_points: str = ""

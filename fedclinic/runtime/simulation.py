@@ -13,11 +13,12 @@ instead of starting its own, and stopping the run leaves the cluster up.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from fedclinic.config import Config
+from fedclinic.config import Config, differing_keys, replace
 from fedclinic.runtime.processes import (Daemon, FlowerError, command_of, free_port, kill_processes, stop_all,
                                          stop_processes, with_env)
 from fedclinic.runtime.runs import Connection, follow, submit
@@ -144,12 +145,19 @@ class ServerWatch:
 
 
 def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | None = None,
-        link: LocalSuperLink | None = None) -> None:
+        link: LocalSuperLink | None = None, *, later: Sequence[tuple[Config, Path]] = (),
+        on_written: Callable[[int], None] | None = None) -> None:
     """Run one federation through Flower's simulation runtime; returns when the run has completed.
 
     `link`: a SuperLink already up (a sweep's, shared by its points), left running; without one
     the run starts its own and stops it, and every process it started, before it returns.
+    `later`: a sweep's further points (configuration, run directory), run one after another in the same Flower run
+    (output.next-points), so they share its ServerApp process, its Ray and the sites' imports; `on_written(i)` is
+    called as soon as run i (0: this one) has written its run directory, while the next one trains.
     """
+    runs = [(config, run_dir), *later]
+    if later:
+        config = replace(config, output={"next_points": json.dumps([differing_keys(config, c) for c, _ in later])})
     run_config = run_dir / "run-config.toml"
     run_config.write_text(config.to_toml())
     fed = config.federation
@@ -159,12 +167,18 @@ def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | Non
     try:
         link = LocalSuperLink(run_dir).start().wait() if own else link.up()
         run_id = submit(link.connection, run_config, federation)
-        # the run's processes are killed next (by `stop`, or by a sweep's next `up`): not waiting out Ray's teardown
-        follow(link.connection, run_id, run_dir, on_progress, while_running=ServerWatch(link.connection, run_id),
-               until_written=True)
+        watch = ServerWatch(link.connection, run_id)
+        for i, (_, directory) in enumerate(runs):
+            follow(link.connection, run_id, directory, on_progress, while_running=watch, until_written=True)
+            if i < len(runs) - 1 and on_written is not None:
+                on_written(i)
+        # the run's processes are killed now (or by `stop`): not waiting out Ray's teardown
         link.finished = True
+        discard_finished_run(link.connection.flwr_home)
     except FlowerError as err:
         raise SimulationError(str(err)) from None
     finally:
         if own and link is not None:
             link.stop()
+    if on_written is not None:
+        on_written(len(runs) - 1)

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedclinic.config import Config, check_classes, check_federation, check_sites, from_run_config
+from fedclinic.config import Config, check_classes, check_federation, check_sites, from_run_config, sweep_runs
 from fedclinic.data import server_test_set, site_sizes
 from fedclinic.device import resolve_device
 from fedclinic.model import initial_model
@@ -31,8 +31,14 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # one run, or a sweep's points one after another: one ServerApp process and one Ray for all of them
+    for config, point in sweep_runs(from_run_config(context.run_config)):
+        run_federation(grid, context, config, point)
+
+
+def run_federation(grid: Grid, context: Context, config: Config, point: str) -> None:
+    """One federation into its run directory; `point`: the keys its sites are sent (a sweep's later point)."""
     started = time.time()
-    config = from_run_config(context.run_config)
     nodes = connected_sites(grid, config)
     run_dir = run_directory(config)
     resumed = load_checkpoint(run_dir) if config.output.resume else None
@@ -48,14 +54,15 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedclinic: resuming %s after round %d of %d", run_dir, resumed["round"], config.federation.rounds)
     evaluation = CentralEvaluation(model, test_set, config, recorder, strategy, run_dir, device=device,
                                    resumed=bool(resumed))
-    final, last_round = federate(grid, strategy, ArrayRecord(model.state_dict()), config, run_dir, evaluation)
+    final, last_round = federate(grid, strategy, ArrayRecord(model.state_dict()), config, run_dir, evaluation,
+                                 point=point)
     model.load_state_dict(final.to_torch_state_dict())
 
     def say(message: str, step: tuple[str, int, int] | None = None) -> None:
         log(INFO, "fedclinic: %s", message)
         recorder.note(message, step)
 
-    personalization = personalize_sites(grid, final, config, run_dir, last_round=last_round, say=say)
+    personalization = personalize_sites(grid, final, config, run_dir, last_round=last_round, say=say, point=point)
     found = post_training(model, test_set, config, run_dir, device=device, say=say)
     recorder.finish(model, test_set.class_names, strategy.site_metrics, strategy_seconds=time.time() - started,
                     stop_reason=strategy.stop_reason, central_epsilon=strategy.central_epsilon(),
@@ -80,8 +87,9 @@ def connected_sites(grid: Grid, config: Config) -> int:
 
 
 def federate(grid: Grid, strategy: SiteRounds, initial: ArrayRecord, config: Config, run_dir: Path,
-             evaluation: CentralEvaluation) -> tuple[ArrayRecord, int]:
-    """The rounds still to run (all, or those after the checkpoint's): (the final global model, its round)."""
+             evaluation: CentralEvaluation, *, point: str = "") -> tuple[ArrayRecord, int]:
+    """The rounds still to run (all, or those after the checkpoint's): (the final global model, its round).
+    Every message tells the sites the run's directory and `point`, a sweep's keys for it."""
     fed = config.federation
     try:
         if fed.rounds - strategy.offset < 1:  # every round had finished: only the post-training steps were left
@@ -91,7 +99,8 @@ def federate(grid: Grid, strategy: SiteRounds, initial: ArrayRecord, config: Con
             initial_arrays=initial,
             num_rounds=fed.rounds - strategy.offset,
             timeout=fed.round_timeout,
-            train_config=ConfigRecord({"run-dir": str(run_dir.resolve())}),
+            train_config=ConfigRecord({"run-dir": str(run_dir.resolve()), "point": point}),
+            evaluate_config=ConfigRecord({"point": point}),
             evaluate_fn=evaluation,
         )
         return (result.arrays if len(result.arrays) else initial), fed.rounds  # empty when no site ever trained

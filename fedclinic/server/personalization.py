@@ -41,15 +41,17 @@ def guarantee(config: Config) -> str:
 
 
 def personalize_sites(grid: Grid, arrays: ArrayRecord, config: Config, run_dir: Path, *, last_round: int,
-                      say: Callable[[str], None]) -> dict | None:
-    """Ask every connected site to fine-tune `arrays`; results.json's "personalization" (None when it is off)."""
+                      say: Callable[[str], None], point: str = "") -> dict | None:
+    """Ask every connected site to fine-tune `arrays`; results.json's "personalization" (None when it is off).
+    `point`: a sweep's keys for this run, sent to the sites as every round's messages send them."""
     epochs, timeout = config.personalize.epochs, config.federation.round_timeout
     if epochs == 0:
         return None
     nodes = sorted(grid.get_node_ids())
     say(f"personalisation: {len(nodes)} site(s) fine-tune the global model for {epochs} epoch(s) on their own data")
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": last_round + 1,
-                                                                    "run-dir": str(run_dir.resolve())})})
+                                                                    "run-dir": str(run_dir.resolve()),
+                                                                    "point": point})})
     replies = list(grid.send_and_receive(
         [Message(content=content, message_type="evaluate.personalize", dst_node_id=node) for node in nodes],
         timeout=timeout))
