@@ -5,6 +5,8 @@
     python bench/utility.py --out DIR                         # reuses the finished runs in DIR
     python bench/utility.py --data bench/out/digits.npz --sites 4   # a .npz file (bench/digits_npz.py), 4 sites
     python bench/utility.py --set training.local-epochs=4 --set training.batch-size=512   # another recipe, every run
+    python bench/utility.py --federations default --strategies fedavg --set training.local-epochs=4 \
+        --set training.batch-size=512 --set training.learning-rate=2 --set model.width=32   # the 10-round recipe
 
 For each federation (the default synthetic sites, and the same sites with label
 skew alpha = 0.3), privacy setting (off, record-level eps = 8, eps = 3) and
