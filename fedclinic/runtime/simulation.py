@@ -156,8 +156,9 @@ def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | Non
     called as soon as run i (0: this one) has written its run directory, while the next one trains.
     """
     runs = [(config, run_dir), *later]
-    if later:
-        config = replace(config, output={"next_points": json.dumps([differing_keys(config, c) for c, _ in later])})
+    # the later points are this call's alone (a key set by hand would run points nobody follows)
+    points = json.dumps([differing_keys(config, c) for c, _ in later]) if later else ""
+    config = replace(config, output={"next_points": points})
     run_config = run_dir / "run-config.toml"
     run_config.write_text(config.to_toml())
     fed = config.federation
