@@ -1,4 +1,4 @@
-"""The privacy/utility trade-off: one simulation per privacy setting, side by side.
+"""The privacy/utility trade-off: one run directory per privacy setting, side by side, all in one Flower run.
 
     fedclinic sweep --epsilons 1,3,8
     fedclinic sweep --epsilons 1,3,8 --noise-multipliers 0.5,1.0 --clipping-norms 0.5,1,2 --name dp-sweep
