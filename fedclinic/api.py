@@ -86,13 +86,14 @@ def run_many(configs: list[Config], *, baselines: bool = False, say: Say | None 
         raise
 
     results: list[Results] = []
-    started = [time.time()]
+    started = time.time()
 
     def finish(i: int) -> None:
         """Run i has written its run directory: its wall time, then its steps in this process."""
+        nonlocal started
         config, run_dir = configs[i], run_dirs[i]
-        found = with_wall_time(run_dir, time.time() - started[-1])
-        started.append(time.time())
+        found = with_wall_time(run_dir, time.time() - started)
+        started = time.time()
         if config.privacy.audit:
             if config.privacy.audit_canaries:
                 say(f"  canary audit: the federation trained once more in this process, with "
@@ -126,10 +127,10 @@ def plot_sites(configs: list[Config], run_dirs: list[Path]) -> None:
     from fedclinic.data import site_data
     from fedclinic.report.plots import plot_label_distribution, plot_site_samples
 
+    names = ("label_distribution.png", "site_samples.png")
     drawn: dict[tuple, Path] = {}
     for config, run_dir in zip(configs, run_dirs):
         key = (config.data, config.federation.sites)
-        names = ("label_distribution.png", "site_samples.png")
         if key in drawn:
             for name in names:
                 shutil.copy2(drawn[key] / name, run_dir / name)

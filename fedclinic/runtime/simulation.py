@@ -69,26 +69,21 @@ class LocalSuperLink:
         """Started and answering: started on the first call unless `start` was called (a sweep whose points are all
         done starts nothing).
 
-        On later calls the previous run's ServerApp process may still be exiting: once that run has written its
-        run directory it is killed with its Ray, as at the end (see `stop`), else waited for, so that ServerWatch
-        follows the next run's process alone.
+        On later calls the ServerApp process of a previous run that did not finish may still be exiting (`run`
+        killed a finished one's): it is waited for, so that ServerWatch follows the next run's process alone.
         """
         if not self.daemon.running():
             self.start()
         self.wait()  # one request when it answers already
-        if self.finished:
-            discard_finished_run(self.connection.flwr_home)
-        else:
-            previous_servers_gone(self.connection.flwr_home)
+        previous_servers_gone(self.connection.flwr_home)
         self.finished = False
         return self
 
     def stop(self) -> None:
         """Stop the SuperLink and everything it started (SuperExec, simulation, Ray). When the last run has written
-        its run directory, nothing of theirs is needed any more (the SuperLink keeps its state in memory): they are
-        killed, not waited for."""
+        its run directory (`run` has killed its ServerApp process and Ray already), nothing of theirs is needed any
+        more (the SuperLink keeps its state in memory): the SuperLink is killed, not waited for."""
         if self.finished:
-            discard_finished_run(self.connection.flwr_home)
             self.daemon.kill()
         stop_all([self.daemon], self.connection.flwr_home)
 
@@ -173,7 +168,7 @@ def run(config: Config, run_dir: Path, on_progress: Callable[[dict], None] | Non
             follow(link.connection, run_id, directory, on_progress, while_running=watch, until_written=True)
             if i < len(runs) - 1 and on_written is not None:
                 on_written(i)
-        # the run's processes are killed now (or by `stop`): not waiting out Ray's teardown
+        # the run's processes are killed now: not waiting out Ray's teardown
         link.finished = True
         discard_finished_run(link.connection.flwr_home)
     except FlowerError as err:
